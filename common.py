@@ -1,0 +1,478 @@
+# Tiny helpers shared by sft.py, reward_model.py, ppo.py, grpo.py and dpo.py (DESIGN.md section 3).
+# Loops, losses and advantages live in the scripts; this file holds only what two or more of them need.
+import json
+import os
+import random
+import re
+import shutil
+import string
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+TINY_MODEL = "tiny"
+"""The `--model` keyword that builds the char-level GPT-2 from scratch instead of loading one."""
+
+
+# ----------------------------------------------------------------------------- setup
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and PyTorch (CPU and every GPU) so a run can be repeated."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def choose_device(device: str = "auto") -> torch.device:
+    """`auto` picks cuda > mps > cpu; any other value (`cpu`, `cuda:1`, ...) is used as given."""
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def choose_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` is bfloat16 on a GPU that supports it and float32 elsewhere (CPU training is fp32)."""
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    choices = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in choices:
+        raise ValueError(f"--dtype must be one of auto, {', '.join(choices)}; got {dtype!r}")
+    return choices[dtype]
+
+
+def _from_pretrained(loader, name_or_path: str, what: str, **kwargs):
+    """Call `loader(name_or_path)` and turn "not found" into one readable error instead of a stack trace."""
+    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_like_path and not Path(name_or_path).expanduser().exists():
+        raise FileNotFoundError(f"{what} path {name_or_path!r} does not exist")
+    try:
+        return loader(name_or_path, **kwargs)
+    except (OSError, ValueError) as error:
+        raise OSError(
+            f"could not load {what} {name_or_path!r}: not a local checkpoint folder, and not a model id that "
+            f"can be fetched from the Hugging Face hub here (offline?). Original error: {error}"
+        ) from error
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, padding_side: str = "left"):
+    """Load a tokenizer and make it ready for batching.
+
+    A pad token is required for batches. If the tokenizer has none we reuse one that is not EOS
+    (the unk token) where the vocabulary has one, and EOS otherwise (gpt2). Because pad may equal
+    EOS, masks are always built from positions (`completion_mask`), never from token values.
+    Left padding (the default) lines up the last prompt token of every row for generation.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, name_or_path, "tokenizer", trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        if tokenizer.unk_token is not None and tokenizer.unk_token != tokenizer.eos_token:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def load_model(name_or_path: str, model_class=None, trust_remote_code: bool = False, dtype=torch.float32, **kwargs):
+    """Load a Hugging Face model (a causal LM unless `model_class` says otherwise) with dropout off.
+
+    Remote code never runs unless `trust_remote_code` is set (the `--trust-remote-code` flag).
+    """
+    from transformers import AutoModelForCausalLM
+
+    model_class = model_class or AutoModelForCausalLM
+    model = _from_pretrained(model_class.from_pretrained, name_or_path, "model", trust_remote_code=trust_remote_code, dtype=dtype, **kwargs)
+    disable_dropout(model)
+    return model
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set every dropout probability to 0: RL needs log-probs that are the same at sampling and training time."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+# ----------------------------------------------------------------------------- the tiny model
+def build_tiny_tokenizer(padding_side: str = "left"):
+    """A char-level tokenizer: one token per printable ASCII character, plus <pad>, <eos> and <unk>.
+
+    Built with the `tokenizers` library and wrapped in a transformers fast tokenizer, so
+    `save_pretrained` / `AutoTokenizer.from_pretrained` round-trip it. The `Fuse` decoder joins
+    characters without the spaces a word-level decoder would insert.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<unk>"]
+    characters = list(string.digits + string.ascii_letters + string.punctuation + " \n")
+    vocab = {token: index for index, token in enumerate(specials + characters)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        padding_side=padding_side,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def build_tiny_gpt2(tokenizer, n_layer: int = 3, n_embd: int = 128, n_head: int = 4, n_positions: int = 64):
+    """A small randomly initialised GPT-2 (about 0.6M parameters at the defaults) with dropout off."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=n_positions,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(config)
+
+
+# ----------------------------------------------------------------------------- tensors
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """position_ids = cumsum(mask) - 1, clamped at 0: the first real token of every row is position 0.
+
+    Passing these to every teacher-forced forward makes a left-padded row see the same positions
+    it saw during generation, so training log-probs equal sampling log-probs.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of each row, from the attention mask (never from token values: pad may equal EOS).
+
+    Right for left padding, right padding and no padding; a row with no real token gives 0.
+    """
+    positions = torch.arange(attention_mask.size(1), device=attention_mask.device)
+    return (attention_mask.long() * positions).argmax(dim=1)
+
+
+def reward_model_scores(reward_model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """r(x, y): the scalar `score` head of an AutoModelForSequenceClassification on the last real token's hidden state.
+
+    Used instead of the model's own forward so positions come from the mask (left padding is safe)
+    and the last token is found from the mask, not by looking for pad ids.
+    """
+    hidden = reward_model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
+    ).last_hidden_state
+    last_hidden = hidden[torch.arange(hidden.size(0), device=hidden.device), last_token_index(attention_mask)]
+    return reward_model.score(last_hidden).squeeze(-1).float()
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log pi(token_t | context) = logits_t[token_t] / T - logsumexp(logits_t / T), shape (batch, length).
+
+    The logits are divided by the sampling temperature T so the log-probs are those of the
+    distribution the tokens were sampled from. Memory-light: rows are processed one at a time and
+    only the chosen token's logit and the log-normaliser are kept, never the full log-softmax.
+    Computed in float32 whatever the logits' dtype.
+    """
+    rows = []
+    for row_logits, row_tokens in zip(logits, tokens):
+        row_logits = row_logits.float() / temperature
+        chosen = row_logits.gather(-1, row_tokens.unsqueeze(-1)).squeeze(-1)
+        rows.append(chosen - torch.logsumexp(row_logits, dim=-1))
+    return torch.stack(rows)
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """H_t = -sum_v p_v log p_v of the temperature-scaled distribution at every position, shape (batch, length)."""
+    rows = []
+    for row_logits in logits:
+        logp = F.log_softmax(row_logits.float() / temperature, dim=-1)
+        rows.append(-(logp.exp() * logp).sum(-1))
+    return torch.stack(rows)
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask of the real completion tokens: 1 up to and including the first EOS, 0 after it.
+
+    Built from positions (index <= index of the first EOS), never from token values, so it is
+    right when the pad token equals EOS (gpt2). Rows without EOS are kept whole.
+    Returns (mask as long, has_eos as bool per row); has_eos False means the completion was truncated.
+    """
+    is_eos = completion_ids == eos_token_id
+    has_eos = is_eos.any(dim=1)
+    length = completion_ids.size(1)
+    first_eos = torch.where(has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, length, dtype=torch.long))
+    positions = torch.arange(length, device=completion_ids.device).unsqueeze(0)
+    return (positions <= first_eos.unsqueeze(1)).long(), has_eos
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """sum(values * mask) / sum(mask) over `dim` (all entries if None); 0 where the mask is empty."""
+    mask = mask.to(values.dtype)
+    if dim is None:
+        return (values * mask).sum() / mask.sum().clamp(min=1.0)
+    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unbiased variance of the masked entries (Bessel's correction, as in the PPO details)."""
+    mean = masked_mean(values, mask)
+    count = mask.sum().clamp(min=2.0)
+    return ((values - mean) ** 2 * mask).sum() / (count - 1)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) over the masked entries; with shift_mean=False the mean is added back.
+
+    PPO whitens advantages with shift_mean=True and rewards with shift_mean=False (whitening
+    must not move the reward's sign). Masked-out entries are returned as 0.
+    """
+    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    whitened = (values - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+# ----------------------------------------------------------------------------- data
+def read_jsonl(path: str, required_fields: tuple[str, ...]) -> list[dict]:
+    """Read a JSONL file of objects; every line must hold each required field as a string (numbers are converted).
+
+    A bad line raises ValueError naming the file, the line number and the field, so nothing is
+    silently skipped. Blank lines are ignored.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"dataset file {path!r} does not exist")
+    rows = []
+    with open(path, encoding="utf-8") as file:
+        for line_number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
+            for field in required_fields:
+                if field not in row:
+                    raise ValueError(f"{path}:{line_number}: missing field {field!r} (required: {', '.join(required_fields)})")
+                value = row[field]
+                if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                    raise ValueError(f"{path}:{line_number}: field {field!r} must be a string, got {type(value).__name__}")
+                row[field] = str(value)
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no examples")
+    return rows
+
+
+def load_hf_dataset(name: str, split: str, fields: dict[str, str]) -> list[dict]:
+    """Rows of a Hugging Face dataset (needs the optional `datasets` package), with columns renamed by `fields`.
+
+    `fields` maps our field name (prompt, answer, ...) to the dataset's column name.
+    """
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(
+            f"dataset {name!r} is neither 'arithmetic' nor a .jsonl file; loading it from the hub needs `pip install datasets`"
+        ) from None
+    table = datasets.load_dataset(name, split=split)
+    missing = [column for column in fields.values() if column not in table.column_names]
+    if missing:
+        raise ValueError(f"dataset {name!r} has no column(s) {missing}; it has {table.column_names}")
+    return [{ours: str(row[theirs]) for ours, theirs in fields.items()} for row in table]
+
+
+def format_prompt(tokenizer, prompt: str, chat_template: bool) -> str:
+    """Wrap the prompt as a user turn of the tokenizer's chat template when asked and one exists."""
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    return prompt
+
+
+def tokenize_prompt(tokenizer, prompt: str, chat_template: bool = False) -> list[int]:
+    """Token ids of a prompt. A templated prompt already carries its special tokens; a plain one gets BOS where the tokenizer adds it."""
+    text = format_prompt(tokenizer, prompt, chat_template)
+    templated = chat_template and text != prompt
+    return tokenizer(text, add_special_tokens=not templated)["input_ids"]
+
+
+# ----------------------------------------------------------------------------- the arithmetic task
+def _is_held_out(a: int, b: int) -> bool:
+    """A fixed 10% of all operand pairs is reserved for evaluation, the same in every script and run."""
+    return zlib.crc32(f"{a}+{b}".encode()) % 10 == 0
+
+
+def arithmetic_problems(n: int, digits: int = 2, split: str = "train", seed: int = 0) -> list[dict]:
+    """`n` addition problems {"prompt": "37+45=", "answer": "82"} with operands of up to `digits` digits.
+
+    split="train" never yields a held-out pair; split="test" yields only held-out pairs.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    rng = random.Random(seed)
+    high = 10**digits - 1
+    problems = []
+    while len(problems) < n:
+        a, b = rng.randint(0, high), rng.randint(0, high)
+        if _is_held_out(a, b) == (split == "test"):
+            problems.append({"prompt": f"{a}+{b}=", "answer": str(a + b)})
+    return problems
+
+
+def arithmetic_eval_set(n: int = 500, digits: int = 2) -> list[dict]:
+    """The held-out problems every script evaluates on (a fixed seed, so accuracies are comparable)."""
+    return arithmetic_problems(n, digits, split="test", seed=1234)
+
+
+def near_miss(a: int, b: int, rng: random.Random) -> str:
+    """A plausible wrong answer to a+b: the sum with a dropped carry, one digit off by one, or off by ten."""
+    correct = a + b
+    digits = str(correct)
+    candidates = set()
+    no_carry = int("".join(str((int(x) + int(y)) % 10) for x, y in zip(f"{a:012d}", f"{b:012d}")))
+    if len(str(no_carry)) >= len(digits) - 1:  # 50+50 -> 0 is not plausible; 57+68 -> 15 is
+        candidates.add(no_carry)
+    for position in range(len(digits)):
+        for delta in (-1, 1):
+            digit = int(digits[position]) + delta
+            if 0 <= digit <= 9 and not (position == 0 and digit == 0 and len(digits) > 1):
+                candidates.add(int(digits[:position] + str(digit) + digits[position + 1 :]))
+    candidates.update({correct + 10, correct - 10})
+    candidates = sorted(c for c in candidates if c >= 0 and c != correct)
+    return str(rng.choice(candidates))
+
+
+def arithmetic_preference_pairs(n: int, digits: int = 2, split: str = "train", seed: int = 0) -> list[dict]:
+    """`n` pairs {"prompt", "chosen", "rejected"}: the correct sum against a near miss (see `near_miss`)."""
+    rng = random.Random(seed + 1)
+    pairs = []
+    for problem in arithmetic_problems(n, digits, split, seed):
+        a, b = (int(x) for x in problem["prompt"][:-1].split("+"))
+        pairs.append({"prompt": problem["prompt"], "chosen": problem["answer"], "rejected": near_miss(a, b, rng)})
+    return pairs
+
+
+_INTEGER = re.compile(r"-?\d{1,30}")
+
+
+def exact_match(completion: str, answer: str) -> float:
+    """1.0 if the completion, stripped of surrounding whitespace, is exactly the answer as an integer, else 0.0.
+
+    The completion is parsed with a regular expression, never `eval`: garbage, empty or
+    overlong text scores 0.0 and never raises.
+    """
+    text = completion.strip()
+    return 1.0 if _INTEGER.fullmatch(text) is not None and text == answer.strip() else 0.0
+
+
+def arithmetic_reward(prompts: list[str], completions: list[str], answer: list[str], **unused_fields) -> list[float]:
+    """Reward function of the arithmetic task: exact match of each completion with its answer."""
+    return [exact_match(completion, target) for completion, target in zip(completions, answer)]
+
+
+# ----------------------------------------------------------------------------- generation and evaluation
+def decode_completions(tokenizer, completion_ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
+    """Text of each completion's real tokens (the mask of `completion_mask`), special tokens dropped."""
+    return [tokenizer.decode(ids[row_mask.bool()], skip_special_tokens=True) for ids, row_mask in zip(completion_ids, mask)]
+
+
+@torch.no_grad()
+def evaluate_accuracy(
+    model, tokenizer, problems: list[dict], max_new_tokens: int, batch_size: int = 256, chat_template: bool = False, reward_fn=None
+) -> tuple[float, list[str]]:
+    """Held-out greedy accuracy: generate with do_sample=False and score with `reward_fn` (exact match by default).
+
+    Returns (mean reward, the completions) so callers can show a few samples.
+    """
+    reward_fn = reward_fn or arithmetic_reward
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    completions = []
+    for start in range(0, len(problems), batch_size):
+        batch = problems[start : start + batch_size]
+        prompt_ids = [tokenize_prompt(tokenizer, problem["prompt"], chat_template) for problem in batch]
+        inputs = tokenizer.pad({"input_ids": prompt_ids}, return_tensors="pt", padding_side="left").to(device)
+        output = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        completion_ids = output[:, inputs["input_ids"].size(1) :]
+        mask, _ = completion_mask(completion_ids, tokenizer.eos_token_id)
+        completions += decode_completions(tokenizer, completion_ids, mask)
+    model.train(was_training)
+    fields = {key: [problem[key] for problem in problems] for key in problems[0] if key != "prompt"}
+    rewards = reward_fn([problem["prompt"] for problem in problems], completions, **fields)
+    return sum(rewards) / len(rewards), completions
+
+
+# ----------------------------------------------------------------------------- logging and saving
+def setup_logging(args, run_name: str, log_dir: str = "runs"):
+    """A TensorBoard SummaryWriter at runs/{run_name} with the hyper-parameters as a text table; W&B too when args.track."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    if getattr(args, "track", False):
+        import wandb
+
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            save_code=True,
+        )
+    writer = SummaryWriter(f"{log_dir}/{run_name}")
+    table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    return writer
+
+
+def run_name_for(args) -> str:
+    """`{exp_name}__{seed}__{unix time}`, the CleanRL run naming."""
+    return f"{args.exp_name}__{args.seed}__{int(time.time())}"
+
+
+def save_checkpoint(model, tokenizer, output_dir: str) -> None:
+    """Write model + tokenizer in Hugging Face format, atomically: the folder is complete or untouched.
+
+    Everything is written to a temporary sibling folder first, which then replaces `output_dir`
+    by rename; an interrupted save leaves the previous checkpoint intact.
+    """
+    target = Path(output_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    previous = target.with_name(f".{target.name}.old-{os.getpid()}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    try:
+        model.save_pretrained(temporary)
+        tokenizer.save_pretrained(temporary)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    if target.exists():
+        target.rename(previous)
+    temporary.rename(target)
+    shutil.rmtree(previous, ignore_errors=True)

@@ -1,0 +1,217 @@
+# Supervised fine-tuning (SFT): next-token cross-entropy on completion tokens only. README.md, section "SFT".
+import time
+from dataclasses import dataclass
+
+import torch
+import tyro
+from transformers import AutoModelForCausalLM
+
+import common
+
+
+@dataclass
+class Args:
+    # experiment
+    exp_name: str = "sft"
+    """the name of this experiment (prefix of the run name under runs/)"""
+    seed: int = 1
+    """seed of the experiment"""
+    device: str = "auto"
+    """`auto` (cuda > mps > cpu), or a torch device such as `cpu` or `cuda:1`"""
+    dtype: str = "auto"
+    """weights dtype: auto (bfloat16 on a GPU that supports it, float32 elsewhere), float32, bfloat16 or float16"""
+    track: bool = False
+    """log to Weights & Biases as well as TensorBoard"""
+    wandb_project_name: str = "rlhf-reference"
+    """the W&B project, when --track"""
+    wandb_entity: str | None = None
+    """the W&B entity (team), when --track"""
+    output_dir: str = "checkpoints/sft"
+    """where the final Hugging Face checkpoint (model + tokenizer) is written"""
+
+    # model and data
+    model: str = common.TINY_MODEL
+    """a Hugging Face model id, a local checkpoint folder, or `tiny` to build a char-level GPT-2 from scratch"""
+    trust_remote_code: bool = False
+    """allow a hub model to run its own Python code"""
+    tiny_n_layer: int = 3
+    """layers of the `tiny` model"""
+    tiny_n_embd: int = 128
+    """width of the `tiny` model"""
+    tiny_n_head: int = 4
+    """attention heads of the `tiny` model"""
+    dataset: str = "arithmetic"
+    """`arithmetic` (built-in addition task), a prompt/completion .jsonl file, or a Hugging Face dataset id"""
+    digits: int = 2
+    """operand digits of the arithmetic task"""
+    hf_split: str = "train"
+    """split of a Hugging Face dataset"""
+    prompt_field: str = "prompt"
+    """prompt column of a Hugging Face dataset"""
+    completion_field: str = "completion"
+    """completion column of a Hugging Face dataset"""
+    chat_template: bool = False
+    """wrap each prompt in the tokenizer's chat template (when it has one)"""
+    max_length: int = 512
+    """prompt + completion tokens kept per example; longer ones are cut at the end (and counted)"""
+
+    # optimisation
+    total_steps: int = 1000
+    """optimizer steps"""
+    batch_size: int = 64
+    """examples per step"""
+    learning_rate: float = 3e-3
+    """peak learning rate of AdamW"""
+    warmup_steps: int = 50
+    """linear warm-up steps, then linear decay to 0"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm"""
+    eval_every: int = 250
+    """evaluate every this many steps (and at the end)"""
+    eval_size: int = 500
+    """held-out examples to evaluate on"""
+    max_new_tokens: int | None = None
+    """tokens generated at evaluation; default digits + 2 on arithmetic"""
+
+
+def load_rows(args: Args) -> tuple[list[dict], list[dict]]:
+    """(train rows, held-out rows) of {"prompt", "completion"} (plus "answer" on arithmetic)."""
+    if args.dataset == "arithmetic":
+        train = common.arithmetic_problems(args.total_steps * args.batch_size, args.digits, "train", seed=args.seed)
+        test = common.arithmetic_eval_set(args.eval_size, args.digits)
+        return [{**row, "completion": row["answer"]} for row in train], [{**row, "completion": row["answer"]} for row in test]
+    if args.dataset.endswith(".jsonl"):
+        rows = common.read_jsonl(args.dataset, ("prompt", "completion"))
+    else:
+        rows = common.load_hf_dataset(args.dataset, args.hf_split, {"prompt": args.prompt_field, "completion": args.completion_field})
+    held_out = min(args.eval_size, len(rows) // 10)
+    return rows[held_out:], rows[:held_out]
+
+
+def tokenize_example(tokenizer, row: dict, max_length: int, chat_template: bool) -> tuple[list[int], list[int], bool]:
+    """(input_ids, labels, truncated): prompt and completion tokenised separately, EOS appended, prompt labels -100."""
+    prompt_ids = common.tokenize_prompt(tokenizer, row["prompt"], chat_template)
+    completion_ids = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    input_ids = (prompt_ids + completion_ids)[:max_length]
+    labels = ([-100] * len(prompt_ids) + completion_ids)[:max_length]
+    return input_ids, labels, len(prompt_ids) + len(completion_ids) > max_length
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_token_id: int, device) -> dict:
+    """Right-pad a batch: input_ids, attention_mask, labels (-100 on prompt and padding)."""
+    length = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), -100, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, (ids, row_labels) in enumerate(examples):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(ids)] = torch.tensor(row_labels)
+        attention_mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), "labels": labels.to(device)}
+
+
+def sft_loss(model, batch: dict) -> torch.Tensor:
+    """L = -(1/|C|) sum_{t in C} log pi(y_t | y_<t): mean negative log-likelihood over completion tokens C only.
+
+    Logits at position t predict token t+1, so log-probs are taken of the inputs shifted by one;
+    prompt and padding positions carry the label -100 and are masked out.
+    """
+    attention_mask = batch["attention_mask"]
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=attention_mask, position_ids=common.position_ids_from_mask(attention_mask)
+    ).logits
+    targets = batch["labels"][:, 1:]
+    loss_mask = targets != -100
+    logprobs = common.token_logprobs(logits[:, :-1], targets.clamp(min=0))
+    return -common.masked_mean(logprobs, loss_mask)
+
+
+def main(args: Args) -> None:
+    run_name = common.run_name_for(args)
+    writer = common.setup_logging(args, run_name)
+    common.seed_everything(args.seed)
+    device = common.choose_device(args.device)
+    dtype = common.choose_dtype(args.dtype, device)
+
+    # model and tokenizer: built from scratch for `tiny`, loaded otherwise
+    if args.model == common.TINY_MODEL:
+        tokenizer = common.build_tiny_tokenizer()
+        model = common.build_tiny_gpt2(tokenizer, args.tiny_n_layer, args.tiny_n_embd, args.tiny_n_head).to(dtype)
+        args.max_length = min(args.max_length, model.config.n_positions)
+    else:
+        tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
+        model = common.load_model(args.model, AutoModelForCausalLM, args.trust_remote_code, dtype)
+    model.to(device)
+    print(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters on {device} in {dtype}")
+
+    train_rows, eval_rows = load_rows(args)
+    tokenized = [tokenize_example(tokenizer, row, args.max_length, args.chat_template) for row in train_rows]
+    eval_tokenized = [tokenize_example(tokenizer, row, args.max_length, args.chat_template) for row in eval_rows]
+    num_truncated = sum(truncated for _, _, truncated in tokenized)
+    if num_truncated:
+        print(f"{num_truncated} of {len(tokenized)} training examples were longer than --max-length {args.max_length} and cut")
+    writer.add_scalar("charts/truncated_examples", num_truncated, 0)
+    max_new_tokens = args.max_new_tokens or (args.digits + 2 if args.dataset == "arithmetic" else 64)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: min(
+            (step + 1) / args.warmup_steps, max(0.0, (args.total_steps - step) / max(1, args.total_steps - args.warmup_steps))
+        ),
+    )
+    generator = torch.Generator().manual_seed(args.seed)
+    order = torch.randperm(len(tokenized), generator=generator).tolist()
+
+    start_time = time.time()
+    model.train()
+    for step in range(1, args.total_steps + 1):
+        # sample a batch; reshuffle after each pass over the data
+        if len(order) < args.batch_size:
+            order += torch.randperm(len(tokenized), generator=generator).tolist()
+        batch_indices, order = order[: args.batch_size], order[args.batch_size :]
+        batch = collate([tokenized[i][:2] for i in batch_indices], tokenizer.pad_token_id, device)
+
+        loss = sft_loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+
+        writer.add_scalar("losses/sft_loss", loss.item(), step)
+        writer.add_scalar("losses/grad_norm", grad_norm.item(), step)
+        writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
+        writer.add_scalar("charts/SPS", step / (time.time() - start_time), step)
+
+        if step % args.eval_every == 0 or step == args.total_steps:
+            model.eval()
+            with torch.no_grad():
+                eval_losses = [
+                    sft_loss(
+                        model, collate([e[:2] for e in eval_tokenized[i : i + args.batch_size]], tokenizer.pad_token_id, device)
+                    ).item()
+                    for i in range(0, len(eval_tokenized), args.batch_size)
+                ]
+            eval_loss = sum(eval_losses) / len(eval_losses)
+            writer.add_scalar("charts/eval_loss", eval_loss, step)
+            line = f"step {step:5d}  loss {loss.item():.4f}  eval_loss {eval_loss:.4f}  SPS {step / (time.time() - start_time):.1f}"
+            if args.dataset == "arithmetic":
+                accuracy, completions = common.evaluate_accuracy(
+                    model, tokenizer, eval_rows, max_new_tokens, chat_template=args.chat_template
+                )
+                writer.add_scalar("charts/eval_accuracy", accuracy, step)
+                samples = "  ".join(f"{row['prompt']}{text!r}" for row, text in zip(eval_rows[:3], completions))
+                line += f"  eval_accuracy {accuracy:.3f}  samples: {samples}"
+            print(line, flush=True)
+            model.train()
+
+    common.save_checkpoint(model, tokenizer, args.output_dir)
+    print(f"saved {args.output_dir} after {time.time() - start_time:.0f}s")
+    writer.close()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,318 @@
+import json
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+import common
+
+
+# ----------------------------------------------------------------------------- setup
+def test_seed_everything_repeats_draws():
+    common.seed_everything(3)
+    first = (random.random(), torch.rand(3))
+    common.seed_everything(3)
+    second = (random.random(), torch.rand(3))
+    assert first[0] == second[0] and torch.equal(first[1], second[1])
+
+
+def test_choose_device_and_dtype():
+    assert common.choose_device("cpu").type == "cpu"
+    assert common.choose_device("auto").type in ("cpu", "cuda", "mps")
+    assert common.choose_dtype("auto", torch.device("cpu")) == torch.float32
+    assert common.choose_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(ValueError, match="--dtype"):
+        common.choose_dtype("fp8", torch.device("cpu"))
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        common.load_model(str(tmp_path / "nowhere"))
+    with pytest.raises(OSError, match="could not load tokenizer 'no-such-org/no-such-model-xyz'"):
+        common.load_tokenizer("no-such-org/no-such-model-xyz")
+
+
+def test_load_tokenizer_sets_pad_and_side(tiny_checkpoint):
+    tokenizer = common.load_tokenizer(tiny_checkpoint)
+    assert tokenizer.padding_side == "left"
+    assert tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id
+    tokenizer.pad_token = None  # a gpt2-like tokenizer without pad: unk is preferred over EOS
+    tokenizer.save_pretrained(tiny_checkpoint + "_nopad")
+    reloaded = common.load_tokenizer(tiny_checkpoint + "_nopad", padding_side="right")
+    assert reloaded.pad_token == "<unk>" and reloaded.padding_side == "right"
+
+
+def test_load_model_disables_dropout(tiny_checkpoint):
+    model = common.load_model(tiny_checkpoint, resid_pdrop=0.5)
+    assert all(module.p == 0.0 for module in model.modules() if isinstance(module, torch.nn.Dropout))
+
+
+# ----------------------------------------------------------------------------- tiny model
+def test_tiny_tokenizer_round_trip(tmp_path):
+    tokenizer = common.build_tiny_tokenizer()
+    text = "37+45=82\nWhat is 2 * (3 - 1)? {ok}"
+    ids = tokenizer(text)["input_ids"]
+    assert len(ids) == len(text)  # one token per character, nothing added
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert reloaded(text)["input_ids"] == ids
+    assert reloaded.decode(ids) == text  # no spaces inserted between characters
+    assert reloaded.decode(ids + [reloaded.eos_token_id], skip_special_tokens=True) == text
+    assert (reloaded.pad_token, reloaded.eos_token) == ("<pad>", "<eos>")
+
+
+def test_tiny_checkpoint_loads_and_generates(tiny_checkpoint):
+    tokenizer = common.load_tokenizer(tiny_checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+    inputs = tokenizer(["1+2=", "10+20="], return_tensors="pt", padding=True)
+    output = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert output.shape == (2, inputs["input_ids"].size(1) + 4)
+
+
+# ----------------------------------------------------------------------------- tensors
+@settings(max_examples=30, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    length=st.integers(1, 6),
+    vocab=st.integers(2, 50),
+    temperature=st.floats(0.1, 3.0),
+    seed=st.integers(0, 10_000),
+)
+def test_token_logprobs_matches_log_softmax(batch, length, vocab, temperature, seed):
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, length, vocab, generator=generator) * 5
+    tokens = torch.randint(0, vocab, (batch, length), generator=generator)
+    expected = F.log_softmax(logits / temperature, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(common.token_logprobs(logits, tokens, temperature), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_token_logprobs_is_float32_for_bf16_logits():
+    logits = torch.randn(2, 3, 7).bfloat16()
+    assert common.token_logprobs(logits, torch.zeros(2, 3, dtype=torch.long)).dtype == torch.float32
+
+
+def test_entropy_from_logits():
+    assert torch.allclose(common.entropy_from_logits(torch.zeros(1, 2, 8)), torch.log(torch.tensor(8.0)))
+    peaked = torch.tensor([[[100.0, 0.0, 0.0]]])
+    assert common.entropy_from_logits(peaked).item() < 1e-6
+
+
+@pytest.mark.parametrize("eos, pad", [(1, 0), (1, 1)])  # pad distinct from EOS, and pad == EOS (gpt2)
+def test_completion_mask(eos, pad):
+    ids = torch.tensor(
+        [
+            [5, 6, eos, pad, pad],  # EOS in the middle: kept, padding after it masked
+            [eos, pad, pad, pad, pad],  # EOS first
+            [5, 6, 7, 8, 9],  # no EOS: truncated, kept whole
+            [5, eos, 7, eos, pad],  # only the first EOS counts
+        ]
+    )
+    mask, has_eos = common.completion_mask(ids, eos)
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    assert has_eos.tolist() == [True, True, False, True]
+
+
+@settings(max_examples=50, deadline=None)
+@given(rows=st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=8), min_size=1, max_size=4), eos=st.integers(0, 3))
+def test_completion_mask_property(rows, eos):
+    length = max(len(row) for row in rows)
+    ids = torch.tensor([row + [eos] * (length - len(row)) for row in rows])  # padded with EOS, the worst case
+    mask, has_eos = common.completion_mask(ids, eos)
+    for row, row_mask, row_has_eos in zip(ids.tolist(), mask.tolist(), has_eos.tolist()):
+        end = row.index(eos) + 1 if eos in row else len(row)
+        assert row_mask == [1] * end + [0] * (len(row) - end)
+        assert row_has_eos == (eos in row)
+
+
+def test_position_ids_from_mask():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    assert common.position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 1, 2, 2, 2]]
+
+
+def tiny_llama(vocab_size: int) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config)
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+def test_left_padding_matches_unpadded_rows(architecture):
+    torch.manual_seed(0)
+    tokenizer = common.build_tiny_tokenizer()
+    model = common.build_tiny_gpt2(tokenizer, n_layer=2, n_embd=32, n_head=2) if architecture == "gpt2" else tiny_llama(len(tokenizer))
+    model.eval()
+    prompts = ["1+2=", "10+20=", "123+456="]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    assert tokenizer.padding_side == "left" and batch["attention_mask"][0, 0] == 0
+    mask = batch["attention_mask"]
+    with torch.no_grad():
+        padded = model(batch["input_ids"], attention_mask=mask, position_ids=common.position_ids_from_mask(mask)).logits
+        for row, prompt in enumerate(prompts):
+            alone = model(tokenizer(prompt, return_tensors="pt")["input_ids"]).logits[0]
+            torch.testing.assert_close(padded[row][mask[row].bool()], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_masked_mean_ignores_masked_entries():
+    values = torch.tensor([[1.0, 2.0, 1000.0], [3.0, -1000.0, 5.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 1]])
+    assert common.masked_mean(values, mask).item() == pytest.approx(11 / 4)
+    assert common.masked_mean(values, mask, dim=1).tolist() == [1.5, 4.0]
+    assert common.masked_mean(values, torch.zeros_like(mask)).item() == 0.0
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), rows=st.integers(1, 4), length=st.integers(2, 8), scale=st.floats(0.1, 100.0))
+def test_masked_whiten(seed, rows, length, scale):
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randn(rows, length, generator=generator, dtype=torch.float64) * scale + 3.0
+    mask = (torch.rand(rows, length, generator=generator) < 0.7).double()
+    mask[0, :2] = 1.0  # at least two entries, so the variance is defined
+    whitened = common.masked_whiten(values, mask)
+    assert common.masked_mean(whitened, mask).item() == pytest.approx(0.0, abs=1e-6)
+    assert common.masked_var(whitened, mask).item() == pytest.approx(1.0, rel=1e-4)
+    assert torch.all(whitened[mask == 0] == 0)
+    unshifted = common.masked_whiten(values, mask, shift_mean=False)
+    assert common.masked_mean(unshifted, mask).item() == pytest.approx(common.masked_mean(values, mask).item(), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- data
+def test_read_jsonl(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"prompt": "a", "answer": 3}\n\n{"prompt": "b", "answer": "4", "extra": 1}\n')
+    assert common.read_jsonl(str(path), ("prompt", "answer")) == [
+        {"prompt": "a", "answer": "3"},
+        {"prompt": "b", "answer": "4", "extra": 1},
+    ]
+
+
+@pytest.mark.parametrize(
+    "bad_line, message",
+    [
+        ('{"prompt": "b"}', "missing field 'answer'"),
+        ('{"prompt": "b", "answer": null}', "field 'answer' must be a string"),
+        ('{"prompt": "b", "answer": ', "not valid JSON"),
+        ('["b", "4"]', "expected a JSON object"),
+    ],
+)
+def test_read_jsonl_bad_line_names_file_line_and_field(tmp_path, bad_line, message):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "answer": "1"}) + "\n" + bad_line + "\n")
+    with pytest.raises(ValueError, match=f"data.jsonl:2: {message}"):
+        common.read_jsonl(str(path), ("prompt", "answer"))
+
+
+def test_read_jsonl_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        common.read_jsonl(str(tmp_path / "nope.jsonl"), ("prompt",))
+
+
+# ----------------------------------------------------------------------------- arithmetic task
+def test_arithmetic_problems_split_is_disjoint_and_fixed():
+    train = common.arithmetic_problems(2000, digits=2, split="train", seed=0)
+    test = common.arithmetic_eval_set(300, digits=2)
+    assert not {p["prompt"] for p in train} & {p["prompt"] for p in test}
+    assert test == common.arithmetic_eval_set(300, digits=2)
+    for problem in train[:50] + test[:50]:
+        a, b = (int(x) for x in problem["prompt"].removesuffix("=").split("+"))
+        assert 0 <= a < 100 and 0 <= b < 100 and problem["answer"] == str(a + b)
+
+
+@settings(max_examples=200, deadline=None)
+@given(a=st.integers(0, 10**6), b=st.integers(0, 10**6), noise=st.text(max_size=30))
+def test_exact_match_reward(a, b, noise):
+    answer = str(a + b)
+    assert common.exact_match(answer, answer) == 1.0
+    assert common.exact_match(f" {answer}\n", answer) == 1.0
+    assert common.exact_match(str(a + b + 1), answer) == 0.0
+    assert common.exact_match(answer + "0", answer) == 0.0
+    assert common.exact_match(noise, answer) in (0.0, 1.0)  # any text: a score, never an exception
+    if noise.strip() != answer:
+        assert common.exact_match(noise, answer) == 0.0
+
+
+@pytest.mark.parametrize("completion", ["", " ", "abc", "__import__('os')", "8" * 10_000, "82 82", "8 2", "+82", "82.0"])
+def test_exact_match_rejects_garbage(completion):
+    assert common.exact_match(completion, "82") == 0.0
+
+
+def test_arithmetic_reward_takes_dataset_fields():
+    rewards = common.arithmetic_reward(["1+1=", "2+2="], ["2", "5"], answer=["2", "4"], other_field=[0, 0])
+    assert rewards == [1.0, 0.0]
+
+
+@settings(max_examples=200, deadline=None)
+@given(a=st.integers(0, 999), b=st.integers(0, 999), seed=st.integers(0, 100))
+def test_near_miss_is_plausible_and_wrong(a, b, seed):
+    wrong = int(common.near_miss(a, b, random.Random(seed)))
+    assert wrong != a + b and wrong >= 0
+    assert abs(len(str(wrong)) - len(str(a + b))) <= 1
+
+
+def test_preference_pairs():
+    pairs = common.arithmetic_preference_pairs(100, digits=2, seed=0)
+    assert len(pairs) == 100
+    for pair in pairs:
+        assert pair["chosen"] != pair["rejected"] and int(pair["rejected"]) >= 0
+        a, b = (int(x) for x in pair["prompt"][:-1].split("+"))
+        assert pair["chosen"] == str(a + b)
+
+
+# ----------------------------------------------------------------------------- saving
+def test_save_checkpoint_is_atomic(tiny_checkpoint, tmp_path, monkeypatch):
+    tokenizer = common.load_tokenizer(tiny_checkpoint)
+    model = common.load_model(tiny_checkpoint)
+    target = tmp_path / "out"
+    common.save_checkpoint(model, tokenizer, str(target))
+    before = sorted(p.name for p in target.iterdir())
+    assert "config.json" in before and "tokenizer.json" in before
+
+    def broken_save(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(tokenizer, "save_pretrained", broken_save)
+    with pytest.raises(RuntimeError, match="disk full"):
+        common.save_checkpoint(model, tokenizer, str(target))
+    assert sorted(p.name for p in target.iterdir()) == before  # the old checkpoint is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # and no half-written folder is left
+    assert AutoModelForCausalLM.from_pretrained(target) is not None
+
+
+def test_evaluate_accuracy_scores_greedy_completions(tiny_checkpoint):
+    tokenizer = common.load_tokenizer(tiny_checkpoint)
+    model = common.load_model(tiny_checkpoint)
+    problems = common.arithmetic_eval_set(8)
+    accuracy, completions = common.evaluate_accuracy(model, tokenizer, problems, max_new_tokens=4)
+    assert len(completions) == 8 and 0.0 <= accuracy <= 1.0
+    perfect, _ = common.evaluate_accuracy(model, tokenizer, problems, 4, reward_fn=lambda prompts, completions, **kw: [1.0] * len(prompts))
+    assert perfect == 1.0
+
+
+def test_last_token_index():
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 0, 0]])
+    assert common.last_token_index(mask).tolist() == [2, 4, 4, 2]
+
+
+def test_reward_model_scores_read_the_last_real_token(tiny_checkpoint):
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_checkpoint, num_labels=1).eval()
+    tokenizer = common.load_tokenizer(tiny_checkpoint)
+    texts = ["1+2=3", "10+20=30"]
+    with torch.no_grad():
+        for side in ("left", "right"):
+            batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side=side)
+            scores = common.reward_model_scores(model, batch["input_ids"], batch["attention_mask"])
+            alone = [model(**tokenizer(text, return_tensors="pt")).logits.item() for text in texts]
+            torch.testing.assert_close(scores, torch.tensor(alone), rtol=1e-4, atol=1e-4)
