@@ -1,0 +1,109 @@
+"""Benchmark plumbing shared by the benchmark scripts: run a training script, read its TensorBoard scalars,
+summarise seeds, plot curves and write markdown tables under benchmarks/results/."""
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def ensure_sft_checkpoint(path: str = "checkpoints/sft", seed: int = 1) -> str:
+    """The sft.py checkpoint the RL benchmarks start from (default flags); trained once if it is missing."""
+    checkpoint = ROOT / path
+    if not (checkpoint / "config.json").is_file():
+        print(f"training the SFT base model into {checkpoint} (python sft.py --seed {seed})", flush=True)
+        run_script("sft.py", ["--seed", str(seed), "--output-dir", str(checkpoint)])
+    return str(checkpoint)
+
+
+def run_script(script: str, args: list[str], echo: bool = True) -> dict:
+    """Run `python <script> <args>` in a fresh working folder and return what it measured.
+
+    Returns {"wall_s", "peak_rss_mb", "scalars", "stdout"}, where scalars maps each TensorBoard tag to
+    a list of (step, seconds since the run's first logged event, value). Peak resident memory comes
+    from the child's own rusage (os.wait4), so runs measured one after another do not mix.
+    """
+    with tempfile.TemporaryDirectory(prefix="bench-") as workdir:
+        start = time.time()
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / script), *args],
+            cwd=workdir,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if echo:
+                print("   ", line, end="", flush=True)
+        _, status, usage = os.wait4(process.pid, 0)
+        wall_s = time.time() - start
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError(f"{script} {' '.join(args)} failed:\n{''.join(lines[-30:])}")
+        return {
+            "wall_s": wall_s,
+            "peak_rss_mb": usage.ru_maxrss / 1024,
+            "scalars": read_scalars(Path(workdir) / "runs"),
+            "stdout": "".join(lines),
+        }
+
+
+def read_scalars(log_root: Path) -> dict[str, list[tuple[int, float, float]]]:
+    """Every scalar of the single run under `log_root` as {tag: [(step, relative wall time, value), ...]}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dirs = [d for d in log_root.iterdir() if d.is_dir()]
+    if len(run_dirs) != 1:
+        raise RuntimeError(f"expected one run under {log_root}, found {len(run_dirs)}")
+    accumulator = EventAccumulator(str(run_dirs[0]), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    events = {tag: accumulator.Scalars(tag) for tag in accumulator.Tags()["scalars"]}
+    first = min(e.wall_time for series in events.values() for e in series)
+    return {tag: [(e.step, e.wall_time - first, e.value) for e in series] for tag, series in events.items()}
+
+
+def median_and_range(values: list[float]) -> str:
+    """`median [min, max]` formatted for a table."""
+    return f"{statistics.median(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(curves: dict[str, list[tuple[float, float]]], path: Path, title: str, xlabel: str, ylabel: str) -> None:
+    """One line per label; curves maps a label (e.g. `seed 1`) to (x, y) points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for label, points in curves.items():
+        axis.plot([x for x, _ in points], [y for _, y in points], marker="o", markersize=3, label=label)
+    axis.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_result(name: str, text: str) -> Path:
+    """Write benchmarks/results/<name> and say where it went."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    path.write_text(text)
+    print(f"wrote {path}")
+    return path
