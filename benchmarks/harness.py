@@ -57,9 +57,11 @@ def run_script(script: str, args: list[str], echo: bool = True) -> dict:
 
 
 def read_scalars(log_root: Path) -> dict[str, list[tuple[int, float, float]]]:
-    """Every scalar of the single run under `log_root` as {tag: [(step, relative wall time, value), ...]}."""
+    """Every scalar of the single run under `log_root` as {tag: [(step, relative wall time, value), ...]}; {} if none."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    if not log_root.is_dir():
+        return {}
     run_dirs = [d for d in log_root.iterdir() if d.is_dir()]
     if len(run_dirs) != 1:
         raise RuntimeError(f"expected one run under {log_root}, found {len(run_dirs)}")

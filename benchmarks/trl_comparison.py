@@ -1,0 +1,159 @@
+"""Side by side with Hugging Face TRL: the same tiny SFT model, data, batch shapes and hyper-parameters,
+ours and TRL's run alternately in one invocation, each in its own process.
+
+    pip install -r benchmarks/requirements-bench.txt
+    python benchmarks/trl_comparison.py                 # grpo, dpo and reward_model, 3 seeds each
+
+Per run: median seconds per optimizer step (ours: from the wall times of its per-step TensorBoard
+events; TRL: a TrainerCallback around each step), peak resident memory of the process (os.wait4),
+and the quality after the same number of steps, measured the same way for both from the saved
+checkpoints (held-out greedy accuracy for GRPO and DPO, held-out pair accuracy for the reward model).
+Writes benchmarks/results/trl_comparison.md.
+"""
+
+import json
+import statistics
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import tyro
+
+import harness
+
+sys.path.insert(0, str(harness.ROOT))
+import common  # noqa: E402
+
+
+@dataclass
+class Args:
+    algorithms: tuple[Literal["grpo", "dpo", "reward_model"], ...] = ("grpo", "dpo", "reward_model")
+    seeds: tuple[int, ...] = (1, 2, 3)
+    steps: int = 100
+    """optimizer steps per run"""
+    model: str = "checkpoints/sft"
+    """the starting checkpoint (trained by sft.py if missing)"""
+
+
+# The hyper-parameters both sides get, set explicitly where the two projects' defaults differ.
+# GRPO: 16 prompts x 8 completions of <= 5 tokens, beta 0 (no reference model), the per-completion "grpo"
+# normalisation (TRL's default is "dapo"), group std scaling, one update per rollout, temperature 1.
+SETTINGS = {
+    "grpo": {"learning_rate": 2e-4, "batch_size": 16, "group_size": 8, "max_completion_length": 5, "beta": 0.0, "loss_type": "grpo"},
+    "dpo": {"learning_rate": 1e-4, "batch_size": 32, "dpo_beta": 0.1},
+    "reward_model": {"learning_rate": 1e-3, "batch_size": 64},
+}
+
+
+def ours_command(algorithm: str, seed: int, steps: int, model: str, output_dir: str) -> tuple[str, list[str]]:
+    s = SETTINGS[algorithm]
+    common_flags = ["--model", model, "--seed", str(seed), "--total-steps", str(steps), "--eval-every", str(10 * steps)]
+    common_flags += ["--learning-rate", str(s["learning_rate"]), "--warmup-steps", "0", "--output-dir", output_dir]
+    if algorithm == "grpo":
+        flags = ["--batch-size", str(s["batch_size"] * s["group_size"]), "--group-size", str(s["group_size"])]
+        flags += ["--max-completion-length", str(s["max_completion_length"]), "--beta", str(s["beta"]), "--loss-type", s["loss_type"]]
+        flags += ["--temperature", "1.0", "--num-iterations", "1", "--scale-rewards", "group", "--epsilon", "0.2"]
+        return "grpo.py", common_flags + flags
+    if algorithm == "dpo":
+        return "dpo.py", common_flags + ["--batch-size", str(s["batch_size"]), "--beta", str(s["dpo_beta"])]
+    return "reward_model.py", common_flags + ["--batch-size", str(s["batch_size"]), "--center-rewards-coefficient", "0"]
+
+
+def trl_command(algorithm: str, seed: int, steps: int, model: str, output_dir: str) -> list[str]:
+    flags = [algorithm, "--model", model, "--seed", str(seed), "--steps", str(steps), "--output-dir", output_dir]
+    return flags + [arg for key, value in SETTINGS[algorithm].items() for arg in (f"--{key.replace('_', '-')}", str(value))]
+
+
+def ours_step_seconds(scalars: dict) -> float:
+    """Median gap between the wall times of consecutive steps of the most frequently logged per-step tag."""
+    series = max(scalars.values(), key=len)
+    times = [t for _, t, _ in series]
+    return statistics.median(b - a for a, b in zip(times[1:], times[2:]))
+
+
+def quality(algorithm: str, checkpoint: str) -> float:
+    """The same held-out measurement for both sides, from the saved checkpoint."""
+    tokenizer = common.load_tokenizer(checkpoint)
+    if algorithm in ("grpo", "dpo"):
+        model = common.load_model(checkpoint)
+        return common.evaluate_accuracy(model, tokenizer, common.arithmetic_eval_set(500), max_new_tokens=4)[0]
+    from transformers import AutoModelForSequenceClassification
+
+    model = common.load_model(checkpoint, AutoModelForSequenceClassification).eval()
+    pairs = common.arithmetic_preference_pairs(500, split="test", seed=1234)
+    rows = [pair["prompt"] + pair[key] + tokenizer.eos_token for key in ("chosen", "rejected") for pair in pairs]
+    batch = tokenizer(rows, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        scores = common.reward_model_scores(model, batch["input_ids"], batch["attention_mask"])
+    return (scores[: len(pairs)] > scores[len(pairs) :]).float().mean().item()
+
+
+def main(args: Args) -> None:
+    model = harness.ensure_sft_checkpoint(args.model)
+    results = {}
+    for algorithm in args.algorithms:
+        for seed in args.seeds:
+            for side in ("ours", "TRL"):  # alternate, so drift on the shared machine hits both alike
+                with tempfile.TemporaryDirectory(prefix=f"{algorithm}-{side}-") as output_dir:
+                    print(f"== {algorithm} seed {seed}: {side}", flush=True)
+                    if side == "ours":
+                        script, flags = ours_command(algorithm, seed, args.steps, model, output_dir)
+                        run = harness.run_script(script, flags, echo=False)
+                        seconds = ours_step_seconds(run["scalars"])
+                    else:
+                        run = harness.run_script(
+                            "benchmarks/trl_runners.py", trl_command(algorithm, seed, args.steps, model, output_dir), echo=False
+                        )
+                        seconds = statistics.median(json.loads((Path(output_dir) / "timing.json").read_text())["step_times"][1:])
+                    result = {"s_per_step": seconds, "peak_rss_mb": run["peak_rss_mb"], "quality": quality(algorithm, output_dir)}
+                    print(f"   {result}", flush=True)
+                    results.setdefault((algorithm, side), []).append(result)
+
+    quality_name = {"grpo": "held-out accuracy", "dpo": "held-out accuracy", "reward_model": "held-out pair accuracy"}
+    rows = []
+    for algorithm in args.algorithms:
+        ours, trl = results[(algorithm, "ours")], results[(algorithm, "TRL")]
+        row = [algorithm]
+        for key, fmt in (("s_per_step", "{:.3f}"), ("peak_rss_mb", "{:.0f}"), ("quality", "{:.3f}")):
+            ours_median = statistics.median(r[key] for r in ours)
+            trl_median = statistics.median(r[key] for r in trl)
+            row += [fmt.format(ours_median), fmt.format(trl_median), f"{ours_median / trl_median:.2f}"]
+        row.append(quality_name[algorithm])
+        rows.append(row)
+    headers = [
+        "algorithm",
+        "ours s/step",
+        "TRL s/step",
+        "ratio",
+        "ours peak MB",
+        "TRL peak MB",
+        "ratio",
+        "ours quality",
+        "TRL quality",
+        "ratio",
+        "quality is",
+    ]
+    settings = "\n".join(f"- {algorithm}: {SETTINGS[algorithm]}" for algorithm in args.algorithms)
+    text = (
+        f"# Ours vs TRL, {args.steps} steps, median of seeds {list(args.seeds)}\n\n"
+        f"Command: `python benchmarks/trl_comparison.py --steps {args.steps}`. Ratios are ours / TRL "
+        "(below 1 is faster or leaner for time and memory; above 1 is better for quality).\n\n"
+        + harness.markdown_table(headers, rows)
+        + f"\nSettings given to both sides:\n{settings}\n\nEvery run:\n\n"
+        + harness.markdown_table(
+            ["algorithm", "side", "seed", "s/step", "peak MB", "quality"],
+            [
+                [a, side, seed, f"{r['s_per_step']:.3f}", f"{r['peak_rss_mb']:.0f}", f"{r['quality']:.3f}"]
+                for (a, side), runs in results.items()
+                for seed, r in zip(args.seeds, runs)
+            ],
+        )
+    )
+    harness.write_result("trl_comparison.md", text)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,167 @@
+"""TRL's trainers on the same model, data and hyper-parameters as ours, one run per process, for trl_comparison.py.
+
+    python benchmarks/trl_runners.py grpo --model checkpoints/sft --steps 100 --output-dir /tmp/trl-grpo
+
+Each run saves its final model to --output-dir and writes `timing.json` there: the wall time of every
+optimizer step (TrainerCallback on_step_begin / on_step_end, so generation is included for GRPO).
+Needs `pip install -r benchmarks/requirements-bench.txt`.
+"""
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import common  # noqa: E402
+
+
+@dataclass
+class Args:
+    algorithm: tyro.conf.Positional[Literal["grpo", "dpo", "reward_model"]]
+    """which TRL trainer to run"""
+    model: str = "checkpoints/sft"
+    """starting checkpoint (a causal LM; the reward model gets a new scalar head)"""
+    output_dir: str = "/tmp/trl-run"
+    """where the final model and timing.json go"""
+    seed: int = 1
+    steps: int = 100
+    """optimizer steps"""
+    learning_rate: float = 1e-5
+    batch_size: int = 16
+    """GRPO: prompts per step; DPO and reward model: preference pairs per step"""
+    digits: int = 2
+    dataset: str = "arithmetic"
+    """`arithmetic`, or a .jsonl file: prompt/answer for GRPO, prompt/chosen/rejected for DPO and the reward model"""
+    # GRPO
+    reward: Literal["arithmetic", "math"] = "arithmetic"
+    """exact match (common.arithmetic_reward) or the final-answer reward of grpo.py (grpo.math_answer_reward)"""
+    group_size: int = 8
+    max_completion_length: int = 5
+    temperature: float = 1.0
+    beta: float = 0.0
+    loss_type: str = "grpo"
+    epsilon: float = 0.2
+    # DPO
+    dpo_beta: float = 0.1
+    # shared
+    max_grad_norm: float = 1.0
+    warmup_steps: int = 0
+    chat_template: bool = False
+    """GRPO: prompts as a user turn of the chat template (a conversational dataset for TRL)"""
+
+
+def preference_pairs(args: Args) -> list[dict]:
+    if args.dataset == "arithmetic":
+        return common.arithmetic_preference_pairs(args.steps * args.batch_size, args.digits, "train", seed=args.seed)
+    fields = ("prompt", "chosen", "rejected")
+    return [{key: row[key] for key in fields} for row in common.read_jsonl(args.dataset, fields)]
+
+
+def main(args: Args) -> None:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, TrainerCallback
+
+    common.seed_everything(args.seed)
+    tokenizer = common.load_tokenizer(args.model)
+    step_times: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *unused, **unused_kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *unused, **unused_kwargs):
+            step_times.append(time.perf_counter() - self.start)
+
+    shared = dict(
+        output_dir=args.output_dir,
+        use_cpu=not torch.cuda.is_available(),
+        bf16=False,
+        max_steps=args.steps,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="linear",
+        warmup_steps=args.warmup_steps,
+        max_grad_norm=args.max_grad_norm,
+        seed=args.seed,
+        logging_steps=max(1, args.steps // 10),
+        save_strategy="no",
+        report_to=[],
+        disable_dropout=True,
+    )
+    if args.algorithm == "grpo":
+        from trl import GRPOConfig, GRPOTrainer
+
+        if args.dataset == "arithmetic":
+            rows = common.arithmetic_problems(args.steps * args.batch_size, args.digits, "train", seed=args.seed)
+        else:
+            rows = [{"prompt": row["prompt"], "answer": row["answer"]} for row in common.read_jsonl(args.dataset, ("prompt", "answer"))]
+        if args.chat_template:
+            rows = [{"prompt": [{"role": "user", "content": row["prompt"]}], "answer": row["answer"]} for row in rows]
+        config = GRPOConfig(
+            **shared,
+            per_device_train_batch_size=args.batch_size * args.group_size,
+            num_generations=args.group_size,
+            max_completion_length=args.max_completion_length,
+            temperature=args.temperature,
+            top_k=0,
+            top_p=1.0,
+            beta=args.beta,
+            loss_type=args.loss_type,
+            scale_rewards="group",
+            epsilon=args.epsilon,
+            num_iterations=1,
+        )
+
+        if args.reward == "math":
+            from grpo import math_answer_reward as reward_function
+        else:
+            reward_function = common.arithmetic_reward
+
+        def reward(prompts, completions, answer, **unused):
+            texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]  # conversational completions
+            return reward_function(prompts, texts, answer)
+
+        trainer = GRPOTrainer(
+            model=common.load_model(args.model),
+            reward_funcs=reward,
+            args=config,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+            callbacks=[StepTimer()],
+        )
+    elif args.algorithm == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        pairs = preference_pairs(args)
+        config = DPOConfig(**shared, per_device_train_batch_size=args.batch_size, beta=args.dpo_beta, precompute_ref_log_probs=True)
+        trainer = DPOTrainer(
+            model=common.load_model(args.model),
+            args=config,
+            train_dataset=Dataset.from_list(pairs),
+            processing_class=tokenizer,
+            callbacks=[StepTimer()],
+        )
+    else:
+        from trl import RewardConfig, RewardTrainer
+
+        pairs = preference_pairs(args)
+        model = common.load_model(args.model, AutoModelForSequenceClassification, num_labels=1)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        config = RewardConfig(**shared, per_device_train_batch_size=args.batch_size)
+        trainer = RewardTrainer(
+            model=model, args=config, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer, callbacks=[StepTimer()]
+        )
+
+    trainer.train()
+    common.save_checkpoint(trainer.model, tokenizer, args.output_dir)
+    (Path(args.output_dir) / "timing.json").write_text(json.dumps({"step_times": step_times}))
+    print(f"TRL {args.algorithm}: {len(step_times)} steps, saved {args.output_dir}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,211 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoModelForSequenceClassification
+
+import common
+import reward_model
+
+
+def tiny_reward_model(tokenizer, seed: int = 0, n_positions: int = 64):
+    """A randomly initialised 1-layer GPT2ForSequenceClassification with its head set up as reward_model.py does."""
+    from transformers import GPT2ForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = common.build_tiny_gpt2(tokenizer, n_layer=1, n_embd=32, n_head=2, n_positions=n_positions).config
+    config.num_labels = 1
+    model = GPT2ForSequenceClassification(config).eval()
+    reward_model.init_reward_head(model)
+    return model
+
+
+def run_args(tmp_path, model: str, **overrides) -> reward_model.Args:
+    """Arguments for a tiny end-to-end run (a few steps, small eval set)."""
+    defaults = dict(model=model, total_steps=3, batch_size=8, eval_every=2, eval_size=16, output_dir=str(tmp_path / "rm"))
+    return reward_model.Args(**{**defaults, **overrides})
+
+
+# ----------------------------------------------------------------------------- the loss
+@settings(deadline=None)
+@given(st.floats(-20, 20), st.floats(-20, 20))
+def test_loss_is_log_2_at_equal_rewards_and_margin_shifts_it_exactly(reward, margin):
+    equal = torch.tensor([reward])
+    assert reward_model.bradley_terry_loss(equal, equal).item() == pytest.approx(math.log(2), abs=1e-6)
+    chosen, rejected = torch.tensor([reward, 0.5]), torch.tensor([0.3, -1.0])
+    margins = torch.tensor([margin, margin])
+    with_margin = reward_model.bradley_terry_loss(chosen, rejected, margins)
+    torch.testing.assert_close(with_margin, reward_model.bradley_terry_loss(chosen - margins, rejected))
+    torch.testing.assert_close(with_margin, -torch.log(torch.sigmoid(chosen - rejected - margins).double()).mean().float())
+
+
+@settings(deadline=None)
+@given(st.lists(st.integers(-1500, 1500), min_size=2, max_size=20, unique=True))
+def test_loss_strictly_decreases_in_the_reward_difference(hundredths):
+    differences = [h / 100 for h in sorted(hundredths)]
+    losses = [reward_model.bradley_terry_loss(torch.tensor([d]), torch.tensor([0.0])).item() for d in differences]
+    assert all(a > b for a, b in zip(losses, losses[1:]))
+
+
+def test_gradient_raises_chosen_and_lowers_rejected():
+    chosen = torch.tensor([0.5, -2.0, 3.0], requires_grad=True)
+    rejected = torch.tensor([1.0, -2.0, -3.0], requires_grad=True)
+    reward_model.bradley_terry_loss(chosen, rejected).backward()
+    assert (chosen.grad < 0).all() and (rejected.grad > 0).all()  # gradient descent moves r_c up and r_r down
+    torch.testing.assert_close(chosen.grad, -rejected.grad)
+
+
+def test_center_rewards_loss_is_zero_only_for_symmetric_pairs():
+    assert reward_model.center_rewards_loss(torch.tensor([1.0, -2.0]), torch.tensor([-1.0, 2.0])).item() == 0.0
+    assert reward_model.center_rewards_loss(torch.tensor([3.0]), torch.tensor([1.0])).item() == 16.0
+
+
+def test_swapping_chosen_and_rejected_flips_the_margin():
+    chosen, rejected = torch.tensor([1.0, 0.2, -0.5, 2.0]), torch.tensor([0.0, 0.4, -1.5, 1.0])
+    metrics = reward_model.preference_metrics(chosen, rejected)
+    swapped = reward_model.preference_metrics(rejected, chosen)
+    assert metrics["accuracy"] == 0.75 and swapped["accuracy"] == 0.25
+    assert metrics["margin"] == pytest.approx(0.7) and swapped["margin"] == pytest.approx(-metrics["margin"])
+    assert metrics["reward_mean"] == pytest.approx(swapped["reward_mean"]) and metrics["reward_std"] == pytest.approx(swapped["reward_std"])
+
+
+# ----------------------------------------------------------------------------- the last token and the score
+@st.composite
+def padded_masks(draw):
+    """(attention_mask, expected last index): rows left-padded, right-padded or unpadded at random."""
+    width = draw(st.integers(1, 12))
+    rows, expected = [], []
+    for _ in range(draw(st.integers(1, 6))):
+        real = draw(st.integers(1, width))
+        side = draw(st.sampled_from(["left", "right"]))
+        rows.append([0] * (width - real) + [1] * real if side == "left" else [1] * real + [0] * (width - real))
+        expected.append(width - 1 if side == "left" else real - 1)
+    return torch.tensor(rows), torch.tensor(expected)
+
+
+@settings(deadline=None)
+@given(padded_masks())
+def test_last_token_index_follows_the_mask(mask_and_expected):
+    mask, expected = mask_and_expected
+    assert torch.equal(reward_model.last_token_index(mask), expected)
+    assert torch.equal(reward_model.last_token_index(mask.bool()), expected)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(3, 97), min_size=1, max_size=8), st.integers(1, 5), st.sampled_from(["left", "right"]))
+def test_score_ignores_padding_even_when_pad_is_eos(body, padding, side):
+    """pad == EOS: a row ending in EOS and padded with more EOS scores as the same row alone (the mask decides)."""
+    tokenizer = common.build_tiny_tokenizer()
+    model = tiny_reward_model(tokenizer)
+    eos = tokenizer.eos_token_id
+    ids = body + [eos]
+    padded = [eos] * padding + ids if side == "left" else ids + [eos] * padding
+    mask = [0] * padding + [1] * len(ids) if side == "left" else [1] * len(ids) + [0] * padding
+    with torch.no_grad():
+        # unpadded, r(x, y) is the head applied to the hidden state of the final token (here the EOS)
+        alone = reward_model.reward_model_scores(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
+        by_hand = model.score(model.base_model(torch.tensor([ids])).last_hidden_state[:, -1]).squeeze(-1)
+        padded_score = reward_model.reward_model_scores(model, torch.tensor([padded]), torch.tensor([mask]))
+    torch.testing.assert_close(alone, by_hand, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(padded_score, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_head_init_has_std_one_over_sqrt_d_plus_one():
+    torch.manual_seed(0)
+    tokenizer = common.build_tiny_tokenizer()
+    config = common.build_tiny_gpt2(tokenizer, n_layer=1, n_embd=256, n_head=2).config
+    config.num_labels = 1
+    model = AutoModelForSequenceClassification.from_config(config)
+    reward_model.init_reward_head(model)
+    std = model.score.weight.std().item()
+    assert 0.8 / math.sqrt(257) < std < 1.2 / math.sqrt(257)
+
+
+def test_tokenize_pair_appends_eos_and_counts_truncation():
+    tokenizer = common.build_tiny_tokenizer()
+    chosen, rejected, truncated = reward_model.tokenize_pair(tokenizer, {"prompt": "9+3=", "chosen": "12", "rejected": "2"}, 64, False)
+    assert tokenizer.decode(chosen[:-1]) == "9+3=12" and tokenizer.decode(rejected[:-1]) == "9+3=2" and not truncated
+    assert chosen[-1] == rejected[-1] == tokenizer.eos_token_id
+    chosen, rejected, truncated = reward_model.tokenize_pair(tokenizer, {"prompt": "9+3=", "chosen": "12", "rejected": "2"}, 6, False)
+    assert truncated and len(chosen) == 6 and len(rejected) == 6
+
+
+def test_score_pairs_splits_one_forward_into_chosen_and_rejected():
+    tokenizer = common.build_tiny_tokenizer()
+    model = tiny_reward_model(tokenizer)
+    pairs = [reward_model.tokenize_pair(tokenizer, row, 64, False)[:2] for row in common.arithmetic_preference_pairs(5)]
+    batch = reward_model.collate_pairs(pairs, tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        chosen, rejected = reward_model.score_pairs(model, batch)
+        for index, (chosen_ids, rejected_ids) in enumerate(pairs):
+            one = reward_model.score_pairs(model, reward_model.collate_pairs([(chosen_ids, rejected_ids)], tokenizer.pad_token_id, "cpu"))
+            torch.testing.assert_close((chosen[index], rejected[index]), (one[0][0], one[1][0]), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("with_head_bias", [False, True])
+def test_shift_reward_adds_the_same_constant_to_every_reward(with_head_bias):
+    tokenizer = common.build_tiny_tokenizer()
+    model = tiny_reward_model(tokenizer)
+    if with_head_bias:
+        model.score = torch.nn.Linear(model.score.in_features, 1, bias=True)
+    pairs = [reward_model.tokenize_pair(tokenizer, row, 64, False)[:2] for row in common.arithmetic_preference_pairs(6)]
+    before = torch.cat(reward_model.score_dataset(model, pairs, tokenizer.pad_token_id, "cpu"))
+    reward_model.shift_reward(model, 1.75)
+    after = torch.cat(reward_model.score_dataset(model, pairs, tokenizer.pad_token_id, "cpu"))
+    torch.testing.assert_close(after, before + 1.75, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- end to end
+def test_end_to_end_checkpoint_loads_and_matches_the_training_time_scorer(tmp_path, monkeypatch, tiny_checkpoint):
+    monkeypatch.chdir(tmp_path)
+    reward_model.main(run_args(tmp_path, tiny_checkpoint, shift_bias_to_zero_mean=True))
+    assert (tmp_path / "runs").is_dir()
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    tokenizer = common.load_tokenizer(str(tmp_path / "rm"))
+    assert loaded.config.num_labels == 1 and loaded.config.pad_token_id == tokenizer.pad_token_id != tokenizer.eos_token_id
+    # a right-padded batch (pad != EOS): HF's own forward (last non-pad token by id, default positions) agrees with r(x, y)
+    rows = common.arithmetic_preference_pairs(16, split="test")
+    pairs = [reward_model.tokenize_pair(tokenizer, row, 64, False)[:2] for row in rows]
+    batch = reward_model.collate_pairs(pairs, tokenizer.pad_token_id, "cpu")
+    assert (batch["attention_mask"] == 0).any()
+    with torch.no_grad():
+        hf_scores = loaded(**batch).logits.squeeze(-1)
+    ours = torch.cat(reward_model.score_pairs(loaded, batch))
+    assert torch.isfinite(ours).all() and ours.std() > 0
+    torch.testing.assert_close(hf_scores, ours, atol=1e-5, rtol=1e-5)
+    # the bias shift made the mean reward over the training completions 0
+    train_rows = common.arithmetic_preference_pairs(3 * 8, split="train", seed=1)
+    train_pairs = [reward_model.tokenize_pair(tokenizer, row, 64, False)[:2] for row in train_rows]
+    assert torch.cat(reward_model.score_dataset(loaded, train_pairs, tokenizer.pad_token_id, "cpu")).mean().item() == pytest.approx(
+        0, abs=1e-4
+    )
+
+
+def test_jsonl_with_margins_trains_and_a_bad_margin_names_the_line(tmp_path, monkeypatch, tiny_checkpoint):
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(
+        "\n".join(
+            ['{"prompt": "2+2=", "chosen": "4", "rejected": "5", "margin": 1.5}'] * 10
+            + ['{"prompt": "1+1=", "chosen": 2, "rejected": "3"}']
+        )
+    )
+    reward_model.main(run_args(tmp_path, tiny_checkpoint, dataset=str(data), total_steps=2, batch_size=4))
+    assert (tmp_path / "rm" / "config.json").is_file()
+    data.write_text(
+        '{"prompt": "2+2=", "chosen": "4", "rejected": "5"}\n\n{"prompt": "2+2=", "chosen": "4", "rejected": "5", "margin": "big"}\n'
+    )
+    with pytest.raises(ValueError, match=r"pairs.jsonl:3: field 'margin' must be a finite number"):
+        reward_model.main(run_args(tmp_path, tiny_checkpoint, dataset=str(data), output_dir=str(tmp_path / "bad")))
+    data.write_text('{"prompt": "2+2=", "chosen": "4"}\n')
+    with pytest.raises(ValueError, match=r"pairs.jsonl:1: missing field 'rejected'"):
+        reward_model.main(run_args(tmp_path, tiny_checkpoint, dataset=str(data), output_dir=str(tmp_path / "bad")))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        reward_model.main(run_args(tmp_path, str(tmp_path / "no_such_checkpoint")))
