@@ -1,0 +1,442 @@
+# Group Relative Policy Optimization (GRPO): a clipped policy gradient whose baseline is the mean reward of a group
+# of completions of the same prompt; no critic. README.md, section "GRPO".
+import math
+import re
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import tyro
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+import common
+
+
+@dataclass
+class Args:
+    # experiment
+    exp_name: str = "grpo"
+    """the name of this experiment (prefix of the run name under runs/)"""
+    seed: int = 1
+    """seed of the experiment"""
+    device: str = "auto"
+    """`auto` (cuda > mps > cpu), or a torch device such as `cpu` or `cuda:1`"""
+    dtype: str = "auto"
+    """weights dtype: auto (bfloat16 on a GPU that supports it, float32 elsewhere), float32, bfloat16 or float16"""
+    track: bool = False
+    """log to Weights & Biases as well as TensorBoard"""
+    wandb_project_name: str = "rlhf-reference"
+    """the W&B project, when --track"""
+    wandb_entity: str | None = None
+    """the W&B entity (team), when --track"""
+    output_dir: str = "checkpoints/grpo"
+    """where the Hugging Face checkpoint (model + tokenizer) is written"""
+
+    # model, data and rewards
+    model: str = "checkpoints/sft"
+    """the policy to start from (and the reference model): a Hugging Face model id or a local checkpoint folder"""
+    trust_remote_code: bool = False
+    """allow a hub model to run its own Python code"""
+    dataset: str = "arithmetic"
+    """`arithmetic` (built-in addition task), a prompt/answer .jsonl file, or a Hugging Face dataset id"""
+    digits: int = 2
+    """operand digits of the arithmetic task"""
+    hf_split: str = "train"
+    """split of a Hugging Face dataset"""
+    prompt_field: str = "prompt"
+    """prompt column of a Hugging Face dataset"""
+    answer_field: str = "answer"
+    """answer column of a Hugging Face dataset"""
+    chat_template: bool = False
+    """wrap each prompt in the tokenizer's chat template (when it has one)"""
+    reward_funcs: tuple[str, ...] | None = None
+    """rule-based rewards among `arithmetic` (exact match), `math` (final answer), `format`; default `arithmetic` on the built-in task, `math` otherwise"""
+    reward_model: str | None = None
+    """an AutoModelForSequenceClassification checkpoint (what reward_model.py writes) used as one more reward function"""
+    reward_weights: tuple[float, ...] | None = None
+    """one weight per reward function (the rule-based ones, then the reward model); default all 1"""
+
+    # GRPO
+    total_steps: int = 300
+    """rollouts; each is followed by --num-iterations optimizer steps"""
+    batch_size: int = 128
+    """completions per rollout: (number of prompts) x --group-size"""
+    group_size: int = 8
+    """G, completions sampled per prompt; their mean reward is the baseline"""
+    micro_batch_size: int = 128
+    """completions per forward/backward pass; gradients are accumulated over the batch (lower it when memory is short)"""
+    max_completion_length: int | None = None
+    """tokens generated per completion; default digits + 2 on arithmetic, 256 otherwise"""
+    temperature: float = 1.0
+    """sampling temperature; every log-prob is computed at the same temperature"""
+    learning_rate: float = 5e-4
+    """peak learning rate of AdamW"""
+    warmup_steps: int = 0
+    """optimizer steps of linear warm-up from 0, then linear decay to 0"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm"""
+    num_iterations: int = 1
+    """mu, optimizer steps on each rollout; the importance ratio matters only when mu > 1"""
+    epsilon: float = 0.2
+    """lower clip range: rho is clipped at 1 - epsilon"""
+    epsilon_high: float | None = None
+    """upper clip range: rho is clipped at 1 + epsilon_high; default --epsilon (DAPO's clip-higher uses 0.28)"""
+    beta: float = 0.0
+    """KL coefficient; 0 loads no reference model at all"""
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
+    """how per-token losses are averaged (see grpo_loss)"""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """divide centred rewards by the group std, the batch std, or nothing (Dr. GRPO)"""
+    mask_truncated_completions: bool = False
+    """leave completions that never produced EOS out of the loss"""
+    eval_every: int = 25
+    """evaluate held-out greedy accuracy every this many steps (and before the first and after the last)"""
+    eval_size: int = 500
+    """held-out examples to evaluate on"""
+
+
+# ----------------------------------------------------------------------------- rewards
+def _final_answer(text: str) -> str | None:
+    """The text after the last `####` or `Answer:` (first line), else inside the last `\\boxed{}`, else the last number."""
+    marker = max(text.rfind("####"), text.rfind("Answer:"))
+    if marker >= 0:
+        after = text[marker:].removeprefix("####").removeprefix("Answer:").strip()
+        text = after.splitlines()[0] if after else ""
+    if "\\boxed{" in text:
+        start, depth = text.rfind("\\boxed{") + len("\\boxed{"), 1
+        for end in range(start, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[end], 0)
+            if depth == 0:
+                return text[start:end].strip()
+        return None
+    if marker >= 0:
+        return text.strip() or None
+    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text)
+    return numbers[-1] if numbers else None
+
+
+def _as_number(text: str) -> float | None:
+    """`1,234.5`, `$12`, `7.` -> a float; anything else -> None (parsed with a regular expression, never eval)."""
+    text = text.strip().removeprefix("$").rstrip(".").replace(",", "")
+    return float(text) if re.fullmatch(r"-?\d+(\.\d+)?", text) else None
+
+
+def math_answer_reward(prompts: list[str], completions: list[str], answer: list[str], **unused_fields) -> list[float]:
+    """1.0 when the completion's final answer equals the reference answer (numerically where both parse), else 0.0."""
+    rewards = []
+    for completion, target in zip(completions, answer):
+        found = _final_answer(completion)
+        number, target_number = _as_number(found or ""), _as_number(target)
+        if number is not None and target_number is not None:
+            rewards.append(float(math.isclose(number, target_number, rel_tol=1e-9, abs_tol=1e-9)))
+        else:
+            rewards.append(float(found is not None and found.strip() == target.strip()))
+    return rewards
+
+
+def format_reward(prompts: list[str], completions: list[str], **unused_fields) -> list[float]:
+    """1.0 when the completion states an explicit final answer (`#### x`, `Answer: x` or `\\boxed{x}`), else 0.0."""
+    return [float(re.search(r"(####|Answer:)\s*\S|\\boxed\{[^}]", completion) is not None) for completion in completions]
+
+
+REWARD_FUNCTIONS = {"arithmetic": common.arithmetic_reward, "math": math_answer_reward, "format": format_reward}
+
+
+def reward_model_reward(reward_model, tokenizer, chat_template: bool, batch_size: int):
+    """A reward function r(q, o) = the reward model's score of prompt + completion + EOS, re-tokenised with its own tokenizer."""
+
+    @torch.no_grad()
+    def score(prompts: list[str], completions: list[str], **unused_fields) -> list[float]:
+        ids = [
+            common.tokenize_prompt(tokenizer, prompt, chat_template)
+            + tokenizer(completion, add_special_tokens=False)["input_ids"]
+            + [tokenizer.eos_token_id]
+            for prompt, completion in zip(prompts, completions)
+        ]
+        scores = []
+        for start in range(0, len(ids), batch_size):
+            inputs = tokenizer.pad({"input_ids": ids[start : start + batch_size]}, return_tensors="pt").to(reward_model.device)
+            scores += common.reward_model_scores(reward_model, inputs["input_ids"], inputs["attention_mask"]).tolist()
+        return scores
+
+    return score
+
+
+# ----------------------------------------------------------------------------- the math of GRPO
+def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str = "group") -> torch.Tensor:
+    """A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4) for the G = group_size consecutive completions of a prompt.
+
+    scale_rewards: `group` divides by the group's std, `batch` by the std of all rewards in the batch,
+    `none` only centres (Dr. GRPO: the std division up-weights prompts that are almost always or never solved).
+    A group whose rewards are all equal carries no signal: its advantages are exactly 0 (never NaN).
+    """
+    grouped = rewards.view(-1, group_size)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale_rewards == "group":
+        centred = centred / (grouped.std(dim=1, keepdim=True) + 1e-4)
+    elif scale_rewards == "batch":
+        centred = centred / (rewards.std() + 1e-4)
+    elif scale_rewards != "none":
+        raise ValueError(f"scale_rewards must be group, batch or none; got {scale_rewards!r}")
+    all_equal = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)
+    return torch.where(all_equal, 0.0, centred).view(-1)
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k3 estimator of KL(pi_theta || pi_ref) per token: exp(ref - logp) - (ref - logp) - 1, >= 0, = 0 iff logp == ref.
+
+    Written as expm1(d) - d with d = ref - logp: the same value, without the rounding that turns small d into 0.
+    """
+    difference = ref_logprobs - logprobs
+    return torch.expm1(difference) - difference
+
+
+def grpo_loss(
+    logprobs,
+    old_logprobs,
+    advantages,
+    mask,
+    ref_logprobs=None,
+    beta=0.0,
+    epsilon_low=0.2,
+    epsilon_high=0.2,
+    loss_type="grpo",
+    max_completion_length: int | None = None,
+    num_completions: int | None = None,
+    num_tokens=None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The GRPO loss of completions o_i (rows) with advantages A_i, and its metrics.
+
+    Per token:  l_it = min(rho_it A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) A_i) - beta KL_k3(pi_theta || pi_ref)_it,
+    rho_it = pi_theta(o_it) / pi_old(o_it) = exp(logp - old_logp). The loss is minus an average of l_it:
+
+    - grpo:    -(1/G) sum_i (1/|o_i|) sum_t l_it (the seeds): each completion weighs the same whatever its
+               length, so a token of a long completion weighs less. Long wrong answers are penalised less
+               than short ones, which biases towards long wrong answers.
+    - dr_grpo: -sum_{i,t} l_it / (G * max_completion_length) (Dr. GRPO): a constant normaliser, no length bias.
+    - dapo:    -sum_{i,t} l_it / sum_i |o_i| (DAPO): every token weighs the same; the weight depends on the
+               batch's total length, not on each completion's own length.
+
+    Masked-out tokens (padding, after EOS) never count. With gradient accumulation pass the whole batch's
+    `num_completions` and `num_tokens`, so the micro-batch losses sum to the batch loss.
+    """
+    num_completions = num_completions or logprobs.size(0)
+    num_tokens = num_tokens or mask.sum().clamp(min=1)
+    mask = mask.to(logprobs.dtype)
+    ratio = torch.exp(logprobs - old_logprobs)
+    advantages = advantages.unsqueeze(1)
+    surrogate = torch.min(ratio * advantages, torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * advantages)
+    per_token_loss = -surrogate
+    metrics = {}
+    if beta != 0.0:
+        kl = kl_k3(logprobs, ref_logprobs)
+        per_token_loss = per_token_loss + beta * kl
+        metrics["losses/kl"] = common.masked_mean(kl.detach(), mask)
+    if loss_type == "grpo":
+        loss = ((per_token_loss * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / num_completions
+    elif loss_type == "dr_grpo":
+        loss = (per_token_loss * mask).sum() / (num_completions * (max_completion_length or mask.size(1)))
+    elif loss_type == "dapo":
+        loss = (per_token_loss * mask).sum() / num_tokens
+    else:
+        raise ValueError(f"loss_type must be grpo, dr_grpo or dapo; got {loss_type!r}")
+    # seed 002's mask M: the gradient stops where the ratio already moved past the clip in the advantage's direction
+    metrics["clip/low"] = common.masked_mean(((advantages < 0) & (ratio < 1 - epsilon_low)).float(), mask)
+    metrics["clip/high"] = common.masked_mean(((advantages > 0) & (ratio > 1 + epsilon_high)).float(), mask)
+    return loss, metrics
+
+
+def completion_logprobs(model, input_ids, attention_mask, prompt_length: int, temperature: float):
+    """log pi(o_t | q, o_<t) of every completion token at the sampling temperature, and the logits that predict them."""
+    completion_length = input_ids.size(1) - prompt_length
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=common.position_ids_from_mask(attention_mask),
+        logits_to_keep=completion_length + 1,  # only the positions that predict completion tokens
+    ).logits[:, :-1]
+    return common.token_logprobs(logits, input_ids[:, prompt_length:], temperature), logits
+
+
+@torch.no_grad()
+def frozen_logprobs(policy, input_ids, attention_mask, prompt_length: int, temperature: float, micro_batch_size: int):
+    """completion_logprobs without gradients, micro-batch by micro-batch: pi_ref, and pi_old when mu > 1."""
+    chunks = [slice(i, i + micro_batch_size) for i in range(0, input_ids.size(0), micro_batch_size)]
+    return torch.cat([completion_logprobs(policy, input_ids[c], attention_mask[c], prompt_length, temperature)[0] for c in chunks])
+
+
+# ----------------------------------------------------------------------------- training
+def load_rows(args: Args) -> tuple[list[dict], list[dict]]:
+    """(train rows, held-out rows) of {"prompt", "answer"}."""
+    if args.dataset == "arithmetic":
+        num_prompts = args.total_steps * args.batch_size // args.group_size
+        train = common.arithmetic_problems(num_prompts, args.digits, "train", seed=args.seed)
+        return train, common.arithmetic_eval_set(args.eval_size, args.digits)
+    if args.dataset.endswith(".jsonl"):
+        rows = common.read_jsonl(args.dataset, ("prompt", "answer"))
+    else:
+        rows = common.load_hf_dataset(args.dataset, args.hf_split, {"prompt": args.prompt_field, "answer": args.answer_field})
+    held_out = min(args.eval_size, len(rows) // 10)
+    return rows[held_out:], rows[:held_out]
+
+
+def load_reference_model(args: Args, dtype: torch.dtype, device: torch.device):
+    """The frozen reference policy pi_ref (a second copy of --model), needed only when beta != 0."""
+    reference = common.load_model(args.model, AutoModelForCausalLM, args.trust_remote_code, dtype).to(device).eval()
+    return reference.requires_grad_(False)
+
+
+def validate(args: Args) -> None:
+    """Reject inconsistent flags before anything is loaded."""
+    if args.group_size < 2 or args.batch_size % args.group_size:
+        raise ValueError(f"--group-size {args.group_size} must be >= 2 and divide --batch-size {args.batch_size}")
+    if args.batch_size % args.micro_batch_size:
+        raise ValueError(f"--micro-batch-size {args.micro_batch_size} must divide --batch-size {args.batch_size}")
+    if args.temperature <= 0 or args.num_iterations < 1 or args.total_steps < 1:
+        raise ValueError("--temperature must be > 0, --num-iterations and --total-steps >= 1")
+    unknown = [name for name in args.reward_funcs if name not in REWARD_FUNCTIONS]
+    if unknown:
+        raise ValueError(f"--reward-funcs: unknown {unknown}; choose from {list(REWARD_FUNCTIONS)}")
+    num_rewards = len(args.reward_funcs) + (args.reward_model is not None)
+    if num_rewards == 0 or (args.reward_weights is not None and len(args.reward_weights) != num_rewards):
+        raise ValueError(f"{num_rewards} reward functions (--reward-funcs, --reward-model) but --reward-weights {args.reward_weights}")
+
+
+def main(args: Args) -> None:
+    if args.reward_funcs is None:
+        args.reward_funcs = ("arithmetic",) if args.dataset == "arithmetic" else ("math",)
+    args.epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
+    args.max_completion_length = args.max_completion_length or (args.digits + 2 if args.dataset == "arithmetic" else 256)
+    validate(args)
+    run_name = common.run_name_for(args)
+    writer = common.setup_logging(args, run_name)
+    common.seed_everything(args.seed)
+    device = common.choose_device(args.device)
+    dtype = common.choose_dtype(args.dtype, device)
+
+    tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
+    model = common.load_model(args.model, AutoModelForCausalLM, args.trust_remote_code, dtype).to(device)
+    reference = load_reference_model(args, dtype, device) if args.beta != 0.0 else None
+    print(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters on {device} in {dtype}")
+    reward_names, reward_functions = list(args.reward_funcs), [REWARD_FUNCTIONS[name] for name in args.reward_funcs]
+    if args.reward_model is not None:
+        reward_model = common.load_model(args.reward_model, AutoModelForSequenceClassification, args.trust_remote_code, dtype)
+        reward_model.to(device).eval().requires_grad_(False)
+        reward_tokenizer = common.load_tokenizer(args.reward_model, args.trust_remote_code)
+        reward_names.append("reward_model")
+        reward_functions.append(reward_model_reward(reward_model, reward_tokenizer, args.chat_template, args.micro_batch_size))
+    reward_weights = torch.tensor(args.reward_weights or [1.0] * len(reward_functions), device=device)
+    eval_reward = common.arithmetic_reward if args.dataset == "arithmetic" else math_answer_reward
+
+    train_rows, eval_rows = load_rows(args)
+    num_prompts = args.batch_size // args.group_size
+    total_updates = args.total_steps * args.num_iterations
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda update: min((update + 1) / max(1, args.warmup_steps), 1.0 - update / total_updates)
+    )
+    generator = torch.Generator().manual_seed(args.seed)
+    order: list[int] = []
+
+    def evaluate(step: int) -> None:
+        if not eval_rows:
+            return
+        accuracy, completions = common.evaluate_accuracy(
+            model, tokenizer, eval_rows, args.max_completion_length, chat_template=args.chat_template, reward_fn=eval_reward
+        )
+        writer.add_scalar("charts/eval_accuracy", accuracy, step)
+        samples = "  ".join(f"{row['prompt']!r} -> {text!r}" for row, text in zip(eval_rows[:3], completions))
+        print(f"step {step:5d}  eval_accuracy {accuracy:.3f}  samples: {samples}", flush=True)
+
+    evaluate(0)
+    start_time = time.time()
+    for step in range(1, args.total_steps + 1):
+        # 1. rollout: G completions of each prompt from the current (= old) policy, left-padded prompts
+        if len(order) < num_prompts:
+            order += torch.randperm(len(train_rows), generator=generator).tolist()
+        rows, order = [train_rows[i] for i in order[:num_prompts]], order[num_prompts:]
+        rows = [row for row in rows for _ in range(args.group_size)]  # the G copies of a prompt are consecutive
+        prompt_ids = [common.tokenize_prompt(tokenizer, row["prompt"], args.chat_template) for row in rows]
+        prompts = tokenizer.pad({"input_ids": prompt_ids}, return_tensors="pt", padding_side="left").to(device)
+        prompt_length = prompts["input_ids"].size(1)
+        input_ids = model.generate(**prompts, do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0, max_new_tokens=args.max_completion_length, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+        completion_ids = input_ids[:, prompt_length:]
+        mask, has_eos = common.completion_mask(completion_ids, tokenizer.eos_token_id)
+        attention_mask = torch.cat([prompts["attention_mask"], mask], dim=1)
+        completions = common.decode_completions(tokenizer, completion_ids, mask)
+
+        # 2. rewards r_i = sum_k w_k r_k(q, o_i), then group-relative advantages
+        fields = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
+        prompt_texts = [row["prompt"] for row in rows]
+        rewards_per_function = torch.tensor([fn(prompt_texts, completions, **fields) for fn in reward_functions], device=device).T
+        rewards = rewards_per_function @ reward_weights
+        advantages = group_advantages(rewards, args.group_size, args.scale_rewards)
+        if args.mask_truncated_completions:
+            mask = mask * has_eos.unsqueeze(1)  # truncated completions still count in the group baseline, not in the loss
+        num_tokens = mask.sum().clamp(min=1)
+
+        # 3. reference and old log-probs, once per rollout; with mu = 1 the old policy is the current one (rho = 1)
+        micro_batches = [slice(i, i + args.micro_batch_size) for i in range(0, args.batch_size, args.micro_batch_size)]
+        ref_logprobs = old_logprobs = None
+        if reference is not None:
+            ref_logprobs = frozen_logprobs(reference, input_ids, attention_mask, prompt_length, args.temperature, args.micro_batch_size)
+        if args.num_iterations > 1:
+            old_logprobs = frozen_logprobs(model, input_ids, attention_mask, prompt_length, args.temperature, args.micro_batch_size)
+
+        # 4. mu optimizer steps on this rollout, accumulating gradients over micro-batches
+        sums: dict[str, float] = {}
+        for _ in range(args.num_iterations):
+            optimizer.zero_grad(set_to_none=True)
+            for mb in micro_batches:
+                logprobs, logits = completion_logprobs(model, input_ids[mb], attention_mask[mb], prompt_length, args.temperature)
+                old = logprobs.detach() if old_logprobs is None else old_logprobs[mb]
+                ref = None if ref_logprobs is None else ref_logprobs[mb]
+                loss, metrics = grpo_loss(logprobs, old, advantages[mb], mask[mb], ref, args.beta, args.epsilon, args.epsilon_high, args.loss_type, args.max_completion_length, args.batch_size, num_tokens)  # fmt: skip
+                loss.backward()
+                with torch.no_grad():
+                    metrics["losses/entropy"] = common.masked_mean(common.entropy_from_logits(logits, args.temperature), mask[mb])
+                metrics["losses/policy_loss"] = loss.detach()
+                for key, value in metrics.items():
+                    sums[key] = sums.get(key, 0.0) + value.item() / len(micro_batches) / args.num_iterations
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+        sums["losses/policy_loss"] *= len(micro_batches)  # the micro-batch losses add up to the batch loss
+
+        # 5. logging (DESIGN.md section 6)
+        group_std = rewards.view(-1, args.group_size).std(dim=1)
+        scalars = {
+            **sums,
+            "charts/reward": rewards.mean().item(),
+            "charts/reward_std": group_std.mean().item(),
+            "charts/frac_reward_zero_std": (group_std == 0).float().mean().item(),
+            "charts/completion_length": mask.sum(1).float().mean().item(),
+            "charts/truncated_fraction": 1.0 - has_eos.float().mean().item(),
+            "charts/learning_rate": scheduler.get_last_lr()[0],
+            "charts/SPS": step / (time.time() - start_time),
+            "losses/grad_norm": grad_norm.item(),
+        }
+        for name, column in zip(reward_names, rewards_per_function.T):
+            scalars[f"rewards/{name}/mean"], scalars[f"rewards/{name}/std"] = column.mean().item(), column.std().item()
+        for key, value in scalars.items():
+            writer.add_scalar(key, value, step)
+        if step % args.eval_every == 0 or step == args.total_steps:
+            samples = "  ".join(
+                f"{p!r} -> {c!r} ({r:.2f})"
+                for p, c, r in zip(prompt_texts[:: args.group_size][:2], completions[:: args.group_size], rewards[:: args.group_size])
+            )
+            writer.add_text("samples", samples, step)
+            print(
+                f"step {step:5d}  reward {scalars['charts/reward']:.3f}  kl {sums.get('losses/kl', 0.0):.4f}  "
+                f"SPS {scalars['charts/SPS']:.2f}  samples: {samples}"
+            )
+            evaluate(step)
+
+    common.save_checkpoint(model, tokenizer, args.output_dir)
+    print(f"saved {args.output_dir} after {time.time() - start_time:.0f}s")
+    writer.close()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

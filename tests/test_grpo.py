@@ -1,0 +1,292 @@
+import pytest
+import torch
+import tyro
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2ForSequenceClassification
+
+import common
+import grpo
+
+LOSS_TYPES = ["grpo", "dr_grpo", "dapo"]
+
+
+def random_batch(seed: int, rows: int = 4, length: int = 6):
+    """logprobs (leaf), old_logprobs, ref_logprobs, advantages and a ragged completion mask (every row >= 1 token)."""
+    generator = torch.Generator().manual_seed(seed)
+    logprobs = (-torch.rand(rows, length, generator=generator, dtype=torch.float64) * 3).requires_grad_()
+    old = logprobs.detach() + 0.3 * torch.randn(rows, length, generator=generator, dtype=torch.float64)
+    ref = logprobs.detach() + 0.3 * torch.randn(rows, length, generator=generator, dtype=torch.float64)
+    advantages = torch.randn(rows, generator=generator, dtype=torch.float64)
+    lengths = torch.randint(1, length + 1, (rows,), generator=generator)
+    mask = (torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)).long()
+    return logprobs, old, ref, advantages, mask
+
+
+# ----------------------------------------------------------------------------- group advantages
+groups = st.integers(2, 6).flatmap(
+    lambda size: st.tuples(
+        st.just(size),
+        st.lists(st.lists(st.sampled_from([0.0, 0.1, 0.7, 1.0, -2.0, 3.25]), min_size=size, max_size=size), min_size=1, max_size=5),
+    )
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(groups)
+def test_group_advantages_invariants(case):
+    group_size, rows = case
+    rewards = torch.tensor(rows, dtype=torch.float64).view(-1)
+    grouped = rewards.view(-1, group_size)
+    for scale in ("group", "batch", "none"):
+        advantages = grpo.group_advantages(rewards, group_size, scale).view(-1, group_size)
+        constant = (grouped == grouped[:, :1]).all(1)
+        assert torch.all(advantages[constant] == 0.0)  # exactly zero, never NaN
+        torch.testing.assert_close(advantages.mean(1), torch.zeros(len(rows), dtype=torch.float64), atol=1e-9, rtol=0)
+        centred = grouped - grouped.mean(1, keepdim=True)
+        if scale == "none":
+            torch.testing.assert_close(advantages[~constant], centred[~constant])
+        elif scale == "batch":
+            torch.testing.assert_close(advantages[~constant], (centred / (rewards.std() + 1e-4))[~constant])
+        elif (~constant).any():
+            std = grouped.std(1)
+            torch.testing.assert_close(advantages[~constant].std(1), (std / (std + 1e-4))[~constant])
+            assert torch.all((advantages[~constant].std(1) - 1).abs() < 1e-2)  # unit std up to the 1e-4 in the denominator
+
+
+# ----------------------------------------------------------------------------- clipping and KL
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.tuples(st.floats(-1.0, 1.0), st.floats(-3.0, 3.0)), min_size=1, max_size=12),
+    st.floats(0.05, 0.4),
+    st.floats(0.05, 0.4),
+)
+def test_clip_gradient_is_zero_exactly_where_seed_002_mask_is_zero(tokens, epsilon_low, epsilon_high):
+    log_ratio = torch.tensor([t[0] for t in tokens], dtype=torch.float64)
+    advantages = torch.tensor([t[1] for t in tokens], dtype=torch.float64)
+    ratio = log_ratio.exp()
+    assume(bool((advantages.abs() > 1e-3).all()))
+    assume(bool(((ratio - (1 + epsilon_high)).abs() > 1e-6).all() and ((ratio - (1 - epsilon_low)).abs() > 1e-6).all()))
+    # one completion per token, so each token's loss depends on its own advantage
+    logprobs = (log_ratio - 2.0).unsqueeze(1).requires_grad_()
+    old = torch.full_like(logprobs, -2.0)
+    loss, metrics = grpo.grpo_loss(logprobs, old, advantages, torch.ones_like(logprobs), epsilon_low=epsilon_low, epsilon_high=epsilon_high)
+    loss.backward()
+    stopped = ((advantages > 0) & (ratio > 1 + epsilon_high)) | ((advantages < 0) & (ratio < 1 - epsilon_low))
+    gradient = logprobs.grad.squeeze(1)
+    assert torch.all(gradient[stopped] == 0.0)
+    assert torch.all(gradient[~stopped] != 0.0)
+    torch.testing.assert_close(gradient[~stopped], -(ratio * advantages)[~stopped] / len(tokens))
+    assert metrics["clip/high"].item() == pytest.approx(((advantages > 0) & (ratio > 1 + epsilon_high)).double().mean().item())
+    assert metrics["clip/low"].item() == pytest.approx(((advantages < 0) & (ratio < 1 - epsilon_low)).double().mean().item())
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.floats(-30.0, 0.0), st.floats(-30.0, 0.0))
+def test_k3_is_nonnegative_and_zero_iff_equal(logprob, ref_logprob):
+    for dtype in (torch.float32, torch.float64):
+        kl = grpo.kl_k3(torch.tensor(logprob, dtype=dtype), torch.tensor(ref_logprob, dtype=dtype))
+        assert kl >= 0
+        if torch.tensor(logprob, dtype=dtype) == torch.tensor(ref_logprob, dtype=dtype):
+            assert kl == 0
+        elif abs(logprob - ref_logprob) > 1e-6:
+            assert kl > 0
+
+
+# ----------------------------------------------------------------------------- the loss
+def direct_loss(logprobs, old, ref, advantages, mask, beta, loss_type, max_length):
+    """The GRPO loss written out with Python loops over completions and tokens."""
+    per_completion, total, num_tokens = [], 0.0, 0
+    for i in range(logprobs.size(0)):
+        terms = []
+        for t in range(logprobs.size(1)):
+            if mask[i, t]:
+                ratio = torch.exp(logprobs[i, t] - old[i, t])
+                surrogate = torch.min(ratio * advantages[i], torch.clamp(ratio, 0.8, 1.2) * advantages[i])
+                diff = ref[i, t] - logprobs[i, t]
+                terms.append(-(surrogate - beta * (torch.exp(diff) - diff - 1)))
+        per_completion.append(sum(terms) / len(terms))
+        total, num_tokens = total + sum(terms), num_tokens + len(terms)
+    if loss_type == "grpo":
+        return sum(per_completion) / len(per_completion)
+    if loss_type == "dr_grpo":
+        return total / (logprobs.size(0) * max_length)
+    return total / num_tokens
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_loss_normalisers_match_direct_computation_and_ignore_padding(loss_type):
+    logprobs, old, ref, advantages, mask = random_batch(0)
+    loss, metrics = grpo.grpo_loss(logprobs, old, advantages, mask, ref, 0.1, 0.2, 0.2, loss_type, max_completion_length=10)
+    torch.testing.assert_close(loss, direct_loss(logprobs, old, ref, advantages, mask, 0.1, loss_type, 10))
+    # the normalisers differ: a wrong one fails here
+    others = [grpo.grpo_loss(logprobs, old, advantages, mask, ref, 0.1, 0.2, 0.2, t, 10)[0] for t in LOSS_TYPES if t != loss_type]
+    assert all(not torch.isclose(loss, other) for other in others)
+    # padding: extra masked columns with arbitrary values change nothing
+    garbage = torch.randn(4, 3, dtype=torch.float64) * 5
+    padded = [torch.cat([x.detach(), garbage], 1) for x in (logprobs, old, ref)]
+    padded_mask = torch.cat([mask, torch.zeros(4, 3, dtype=torch.long)], 1)
+    padded_loss, _ = grpo.grpo_loss(padded[0], padded[1], advantages, padded_mask, padded[2], 0.1, 0.2, 0.2, loss_type, 10)
+    torch.testing.assert_close(padded_loss, loss.detach())
+    # and garbage in already-masked positions of the original width changes nothing either
+    scrambled = [torch.where(mask.bool(), x.detach(), torch.randn_like(x) * 5) for x in (logprobs, old, ref)]
+    scrambled_loss, _ = grpo.grpo_loss(scrambled[0], scrambled[1], advantages, mask, scrambled[2], 0.1, 0.2, 0.2, loss_type, 10)
+    torch.testing.assert_close(scrambled_loss, loss.detach())
+    # micro-batches with the batch's normalisers add up to the batch loss
+    halves = [
+        grpo.grpo_loss(logprobs[s], old[s], advantages[s], mask[s], ref[s], 0.1, 0.2, 0.2, loss_type, 10, 4, mask.sum())[0]
+        for s in (slice(0, 2), slice(2, 4))
+    ]
+    torch.testing.assert_close(sum(halves), loss)
+    assert metrics["losses/kl"] > 0
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_mu_1_gradient_is_reinforce_with_baseline(loss_type):
+    """With old = logp.detach() (rho = 1) the gradient is -sum_{i,t} A_i grad logp_it / normaliser."""
+    torch.manual_seed(0)
+    tokenizer = common.build_tiny_tokenizer()
+    model = common.build_tiny_gpt2(tokenizer, n_layer=1, n_embd=32, n_head=2)
+    input_ids = torch.randint(3, len(tokenizer), (4, 9))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :2] = 0  # a left-padded prompt
+    _, _, _, advantages, mask = random_batch(1, rows=4, length=5)
+    advantages = advantages.float()
+
+    logprobs, _ = grpo.completion_logprobs(model, input_ids, attention_mask, 4, temperature=0.7)
+    loss, _ = grpo.grpo_loss(logprobs, logprobs.detach(), advantages, mask, loss_type=loss_type, max_completion_length=8)
+    gradient = torch.autograd.grad(loss, list(model.parameters()))
+
+    logprobs, _ = grpo.completion_logprobs(model, input_ids, attention_mask, 4, temperature=0.7)
+    weights = {"grpo": mask / mask.sum(1, keepdim=True) / 4, "dr_grpo": mask / (4 * 8), "dapo": mask / mask.sum()}[loss_type]
+    reinforce = -(advantages.unsqueeze(1) * logprobs * weights).sum()
+    expected = torch.autograd.grad(reinforce, list(model.parameters()))
+    for ours, theirs in zip(gradient, expected):
+        torch.testing.assert_close(ours, theirs)
+    assert any(g.abs().sum() > 0 for g in gradient)
+
+
+def test_completion_logprobs_match_generation_under_left_padding():
+    torch.manual_seed(0)
+    tokenizer = common.build_tiny_tokenizer()
+    model = common.build_tiny_gpt2(tokenizer, n_layer=1, n_embd=32, n_head=2).eval()
+    prompts = tokenizer.pad({"input_ids": [tokenizer("12+3=")["input_ids"], tokenizer("1+2=")["input_ids"]]}, return_tensors="pt")
+    output = model.generate(**prompts, do_sample=True, top_k=0, max_new_tokens=4, output_scores=True, return_dict_in_generate=True)
+    prompt_length = prompts["input_ids"].size(1)
+    completion_ids = output.sequences[:, prompt_length:]
+    mask, _ = common.completion_mask(completion_ids, tokenizer.eos_token_id)
+    attention_mask = torch.cat([prompts["attention_mask"], mask], 1)
+    logprobs, _ = grpo.completion_logprobs(model, output.sequences, attention_mask, prompt_length, 1.0)
+    sampled = torch.stack(output.scores, 1).log_softmax(-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(logprobs[mask.bool()], sampled[mask.bool()], atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- rewards
+@pytest.mark.parametrize(
+    "completion, answer, expected",
+    [
+        ("so 3 + 4 = 7\n#### 7", "7", 1.0),
+        ("#### 1,234\nthanks, 99", "1234", 1.0),
+        ("Answer: $12.", "12", 1.0),
+        ("Answer: 12.0 apples", "12", 0.0),
+        ("first \\boxed{3} then \\boxed{\\frac{1}{2}}", "\\frac{1}{2}", 1.0),
+        ("Answer: \\boxed{42}", "42", 1.0),
+        ("it is 5, no wait, 6", "6", 1.0),
+        ("it is 6, no wait, 5", "6", 0.0),
+        ("the answer is 0.5", "1/2", 0.0),
+        ("__import__('os')", "0", 0.0),
+        ("", "3", 0.0),
+    ],
+)
+def test_math_answer_reward(completion, answer, expected):
+    assert grpo.math_answer_reward(["q"], [completion], answer=[answer]) == [expected]
+
+
+def test_format_reward():
+    assert grpo.format_reward(["q"] * 4, ["x\n#### 3", "Answer: 4", "\\boxed{5}", "just 6"]) == [1.0, 1.0, 1.0, 0.0]
+
+
+def build_reward_model(path, tokenizer) -> None:
+    """A tiny randomly initialised AutoModelForSequenceClassification checkpoint, as reward_model.py writes."""
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=64,
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        num_labels=1,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    config.pad_token_id = tokenizer.pad_token_id
+    common.save_checkpoint(GPT2ForSequenceClassification(config), tokenizer, str(path))
+
+
+def test_reward_model_reward_scores_prompt_plus_completion(tmp_path):
+    torch.manual_seed(0)
+    tokenizer = common.build_tiny_tokenizer()
+    build_reward_model(tmp_path / "rm", tokenizer)
+    reward_model = common.load_model(str(tmp_path / "rm"), grpo.AutoModelForSequenceClassification)
+    score = grpo.reward_model_reward(reward_model, tokenizer, False, batch_size=2)
+    rewards = score(["1+2=", "12+30=", "1+2="], ["3", "42", "4"])
+    ids = tokenizer("12+30=42")["input_ids"] + [tokenizer.eos_token_id]
+    alone = reward_model(torch.tensor([ids])).logits.item()
+    assert rewards[1] == pytest.approx(alone, abs=1e-5) and rewards[0] != rewards[2]
+
+
+# ----------------------------------------------------------------------------- end to end
+def small_args(checkpoint, tmp_path, **overrides):
+    defaults = dict(total_steps=2, batch_size=8, group_size=4, micro_batch_size=4, eval_size=8, eval_every=1)
+    return grpo.Args(model=checkpoint, output_dir=str(tmp_path / "out"), **{**defaults, **overrides})
+
+
+def test_end_to_end_changes_parameters_and_saves_a_checkpoint(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    build_reward_model(tmp_path / "rm", common.load_tokenizer(tiny_checkpoint))
+    loaded = []
+    load_reference_model = grpo.load_reference_model
+    monkeypatch.setattr(grpo, "load_reference_model", lambda *a: loaded.append(1) or load_reference_model(*a))
+    args = small_args(tiny_checkpoint, tmp_path, beta=0.1, num_iterations=2, reward_model=str(tmp_path / "rm"), reward_weights=(1.0, 1.0))
+    grpo.main(args)
+    assert loaded == [1]
+    before = AutoModelForCausalLM.from_pretrained(tiny_checkpoint).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+    assert common.load_tokenizer(str(tmp_path / "out")).eos_token_id == common.load_tokenizer(tiny_checkpoint).eos_token_id
+
+
+def test_cli_with_beta_0_builds_no_reference_model(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def refuse(*unused):
+        raise AssertionError("beta = 0 must not load a reference model")
+
+    monkeypatch.setattr(grpo, "load_reference_model", refuse)
+    flags = ["--model", tiny_checkpoint, "--group-size", "8", "--batch-size", "16", "--micro-batch-size", "8"]
+    args = tyro.cli(grpo.Args, args=flags + ["--total-steps", "1", "--eval-size", "4", "--output-dir", str(tmp_path / "out")])
+    assert args.beta == 0.0 and args.group_size == 8
+    grpo.main(args)
+    assert (tmp_path / "out" / "config.json").is_file() and (tmp_path / "runs").is_dir()
+
+
+def test_jsonl_data_with_math_and_format_rewards(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(f'{{"prompt": "{i}+1=", "answer": "{i + 1}"}}' for i in range(20)))
+    args = small_args(tiny_checkpoint, tmp_path, dataset=str(data), reward_funcs=("math", "format"), max_completion_length=4)
+    grpo.main(args)
+    assert (tmp_path / "out" / "config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"group_size": 3}, "--group-size 3 must be >= 2 and divide --batch-size 8"),
+        ({"micro_batch_size": 3}, "--micro-batch-size 3 must divide"),
+        ({"reward_funcs": ("nope",)}, "unknown"),
+        ({"reward_weights": (1.0, 2.0)}, "--reward-weights"),
+    ],
+)
+def test_bad_flags_fail_early(tiny_checkpoint, tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        grpo.main(small_args(tiny_checkpoint, tmp_path, **overrides))
