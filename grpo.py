@@ -360,7 +360,16 @@ def main(args: Args) -> None:
         prompt_ids = [common.tokenize_prompt(tokenizer, row["prompt"], args.chat_template) for row in rows]
         prompts = tokenizer.pad({"input_ids": prompt_ids}, return_tensors="pt", padding_side="left").to(device)
         prompt_length = prompts["input_ids"].size(1)
-        input_ids = model.generate(**prompts, do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0, max_new_tokens=args.max_completion_length, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+        input_ids = model.generate(
+            **prompts,
+            do_sample=True,
+            temperature=args.temperature,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=args.max_completion_length,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
         completion_ids = input_ids[:, prompt_length:]
         mask, has_eos = common.completion_mask(completion_ids, tokenizer.eos_token_id)
         attention_mask = torch.cat([prompts["attention_mask"], mask], dim=1)
@@ -392,7 +401,20 @@ def main(args: Args) -> None:
                 logprobs, logits = completion_logprobs(model, input_ids[mb], attention_mask[mb], prompt_length, args.temperature)
                 old = logprobs.detach() if old_logprobs is None else old_logprobs[mb]
                 ref = None if ref_logprobs is None else ref_logprobs[mb]
-                loss, metrics = grpo_loss(logprobs, old, advantages[mb], mask[mb], ref, args.beta, args.epsilon, args.epsilon_high, args.loss_type, args.max_completion_length, args.batch_size, num_tokens)  # fmt: skip
+                loss, metrics = grpo_loss(
+                    logprobs,
+                    old,
+                    advantages[mb],
+                    mask[mb],
+                    ref,
+                    args.beta,
+                    args.epsilon,
+                    args.epsilon_high,
+                    args.loss_type,
+                    args.max_completion_length,
+                    args.batch_size,
+                    num_tokens,
+                )
                 loss.backward()
                 with torch.no_grad():
                     metrics["losses/entropy"] = common.masked_mean(common.entropy_from_logits(logits, args.temperature), mask[mb])
