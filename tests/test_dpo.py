@@ -1,0 +1,333 @@
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoModelForCausalLM
+
+import common
+import dpo
+
+LOSS_TYPES = ["sigmoid", "ipo", "hinge"]
+
+
+def equality_value(loss_type: str, beta: float) -> float:
+    """The loss of every pair when policy == reference (h = 0)."""
+    return {"sigmoid": math.log(2), "ipo": 1 / (4 * beta**2), "hinge": 1.0}[loss_type]
+
+
+def losses_for(h_chosen, h_rejected, beta, loss_type="sigmoid", label_smoothing=0.0, lengths=(1, 1)):
+    """dpo_loss with log-ratios h_chosen and h_rejected (reference log-probs 0) and given completion lengths."""
+    chosen, rejected = torch.as_tensor(h_chosen, dtype=torch.float64), torch.as_tensor(h_rejected, dtype=torch.float64)
+    chosen_lengths, rejected_lengths = (torch.full_like(chosen, n) for n in lengths)
+    zero = torch.zeros_like(chosen)
+    return dpo.dpo_loss(chosen, rejected, zero, zero, beta, loss_type, label_smoothing, chosen_lengths, rejected_lengths)
+
+
+def tiny_model(seed: int = 0):
+    torch.manual_seed(seed)
+    tokenizer = common.build_tiny_tokenizer()
+    return tokenizer, common.build_tiny_gpt2(tokenizer, n_layer=1, n_embd=32, n_head=2).eval()
+
+
+def tokenized_pairs(tokenizer, rows):
+    return [dpo.tokenize_pair(tokenizer, row, 64, False)[:3] for row in rows]
+
+
+PAIRS = [
+    {"prompt": "12+3=", "chosen": "15", "rejected": "16"},
+    {"prompt": "1+2=", "chosen": "3", "rejected": "13"},
+    {"prompt": "99+99=", "chosen": "198", "rejected": "188"},
+    {"prompt": "7+70=", "chosen": "77", "rejected": "87"},
+    {"prompt": "5+5=", "chosen": "10", "rejected": "0"},
+]
+
+
+# ----------------------------------------------------------------------------- dpo_loss
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@given(
+    logps=st.lists(st.floats(-50, 0), min_size=2, max_size=2),
+    beta=st.floats(0.01, 5.0),
+    lengths=st.tuples(st.integers(1, 9), st.integers(1, 9)),
+)
+@settings(max_examples=30, deadline=None)
+def test_loss_at_policy_equal_reference_is_the_equality_value(loss_type, logps, beta, lengths):
+    chosen, rejected = torch.tensor([logps[0]], dtype=torch.float64), torch.tensor([logps[1]], dtype=torch.float64)
+    losses, chosen_rewards, rejected_rewards = dpo.dpo_loss(
+        chosen, rejected, chosen.clone(), rejected.clone(), beta, loss_type, 0.0, torch.tensor([lengths[0]]), torch.tensor([lengths[1]])
+    )
+    torch.testing.assert_close(losses, torch.tensor([equality_value(loss_type, beta)], dtype=torch.float64))
+    assert chosen_rewards.item() == rejected_rewards.item() == 0.0
+
+
+def test_label_smoothed_loss_at_policy_equal_reference_is_still_log_2():
+    losses, *_ = losses_for([0.0], [0.0], beta=0.3, label_smoothing=0.2)
+    torch.testing.assert_close(losses, torch.tensor([math.log(2)], dtype=torch.float64))
+
+
+@given(margins=st.lists(st.integers(-400, 400), min_size=2, max_size=20, unique=True), beta=st.floats(0.05, 2.0))
+@settings(max_examples=50, deadline=None)
+def test_sigmoid_loss_strictly_decreases_in_the_margin(margins, beta):
+    margins = [margin / 20 for margin in sorted(margins)]  # distinct margins at least 0.05 apart, in [-20, 20]
+    losses, *_ = losses_for(margins, [0.0] * len(margins), beta)
+    assert (losses[1:] < losses[:-1]).all()
+
+
+def test_hinge_loss_decreases_until_margin_one_over_beta_then_is_zero():
+    beta = 0.5
+    margins = torch.linspace(-4, 4, 33, dtype=torch.float64)
+    losses, *_ = losses_for(margins, torch.zeros_like(margins), beta, "hinge")
+    below = margins < 1 / beta
+    assert (losses[below][1:] < losses[below][:-1]).all()
+    assert (losses[~below] == 0).all()
+
+
+@given(h_chosen=st.floats(-10, 10), h_rejected=st.floats(-10, 10), beta=st.floats(0.05, 2.0))
+@settings(max_examples=50, deadline=None)
+def test_sigmoid_gradient_raises_chosen_and_lowers_rejected_logprob(h_chosen, h_rejected, beta):
+    chosen = torch.tensor([h_chosen], dtype=torch.float64, requires_grad=True)
+    rejected = torch.tensor([h_rejected], dtype=torch.float64, requires_grad=True)
+    zero = torch.zeros(1, dtype=torch.float64)
+    losses, *_ = dpo.dpo_loss(chosen, rejected, zero, zero, beta)
+    losses.sum().backward()
+    # dL/dlogp_w = -beta * sigma(-beta h) = -dL/dlogp_l: a gradient step moves log pi(y_w|x) up and log pi(y_l|x) down
+    expected = -beta * torch.sigmoid(torch.tensor(-beta * (h_chosen - h_rejected), dtype=torch.float64))
+    torch.testing.assert_close(chosen.grad, expected.reshape(1))
+    torch.testing.assert_close(rejected.grad, -expected.reshape(1))
+    assert chosen.grad.item() < 0 < rejected.grad.item()
+
+
+@given(h=st.floats(-20, 20), beta=st.floats(0.05, 2.0), eps=st.floats(0.0, 0.49))
+@settings(max_examples=50, deadline=None)
+def test_label_smoothing_is_conservative_dpo_exactly(h, beta, eps):
+    losses, *_ = losses_for([h], [0.0], beta, label_smoothing=eps)
+    z = torch.tensor(beta * h, dtype=torch.float64)
+    expected = -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+    torch.testing.assert_close(losses, expected.reshape(1))
+
+
+def test_ipo_uses_length_normalised_log_ratios():
+    beta = 0.25
+    # log-ratio 4 over 4 chosen tokens and 1 over 1 rejected token: 1 per token each, so h_bar = 0 and L = 1 / (4 beta^2)
+    losses, *_ = losses_for([4.0], [1.0], beta, "ipo", lengths=(4, 1))
+    torch.testing.assert_close(losses, torch.tensor([1 / (4 * beta**2)], dtype=torch.float64))
+    # the same h = 3 with one token each is L = (3 - 1 / (2 beta))^2 = 1
+    losses, *_ = losses_for([4.0], [1.0], beta, "ipo", lengths=(1, 1))
+    torch.testing.assert_close(losses, torch.tensor([(3 - 1 / (2 * beta)) ** 2], dtype=torch.float64))
+
+
+def test_implicit_rewards_are_beta_times_log_ratios():
+    policy = torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -0.5])
+    reference = torch.tensor([-1.5, -1.0]), torch.tensor([-2.0, -0.5])
+    _, chosen_rewards, rejected_rewards = dpo.dpo_loss(*policy, *reference, beta=0.2)
+    torch.testing.assert_close(chosen_rewards, torch.tensor([0.1, -0.2]))
+    torch.testing.assert_close(rejected_rewards, torch.tensor([-0.2, 0.0]))
+
+
+def test_chosen_nll_is_the_per_token_negative_log_likelihood_of_the_chosen_completions():
+    nll = dpo.chosen_nll(torch.tensor([-2.0, -4.0]), torch.tensor([1, 3]))
+    torch.testing.assert_close(nll, torch.tensor(1.5))
+
+
+# ----------------------------------------------------------------------------- sequence_logprobs and batching
+@given(
+    rows=st.lists(st.tuples(st.integers(0, 6), st.integers(0, 5), st.integers(0, 4)), min_size=1, max_size=5),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=60, deadline=None)
+def test_sequence_logprobs_counts_completion_tokens_only(rows, seed):
+    """rows: (prompt length, completion length, padding) per row; prompt and padding positions must not count."""
+    generator = torch.Generator().manual_seed(seed)
+    length = max(p + c + pad for p, c, pad in rows) + 1
+    vocab = 7
+    input_ids = torch.randint(vocab, (len(rows), length), generator=generator)
+    logits = torch.randn(len(rows), length, vocab, generator=generator)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    expected = []
+    for row, (prompt_length, completion_length, _) in enumerate(rows):
+        mask[row, prompt_length : prompt_length + completion_length] = 1
+        logprobs = torch.log_softmax(logits[row], -1)
+        # token t is predicted by the logits at t - 1; a completion starting at position 0 has no prediction for its first token
+        expected.append(sum(logprobs[t - 1, input_ids[row, t]] for t in range(max(1, prompt_length), prompt_length + completion_length)))
+    result = dpo.sequence_logprobs(logits, input_ids, mask)
+    torch.testing.assert_close(result, torch.tensor([float(e) for e in expected]))
+    # any change to the logits or tokens outside the completion leaves the result unchanged, even -inf logits
+    predicts_completion = torch.zeros_like(mask, dtype=torch.bool)
+    predicts_completion[:, :-1] = mask[:, 1:].bool()
+    noisy_logits = torch.where(predicts_completion.unsqueeze(-1), logits, torch.full_like(logits, -math.inf))
+    noisy_ids = torch.where(mask.bool(), input_ids, torch.randint(vocab, input_ids.shape, generator=generator))
+    torch.testing.assert_close(dpo.sequence_logprobs(noisy_logits, noisy_ids, mask), result)
+
+
+def test_a_row_without_completion_tokens_gives_zero_not_nan():
+    logits = torch.full((2, 5, 4), -math.inf)
+    logits[1] = 0.0
+    mask = torch.tensor([[0, 0, 0, 0, 0], [0, 0, 1, 1, 0]])
+    result = dpo.sequence_logprobs(logits, torch.zeros(2, 5, dtype=torch.long), mask)
+    assert result[0].item() == 0.0 and torch.isfinite(result).all()
+    torch.testing.assert_close(result[1], torch.tensor(2 * math.log(1 / 4)))
+
+
+def test_tokenize_pair_shares_the_prompt_appends_eos_and_counts_truncation():
+    tokenizer = common.build_tiny_tokenizer()
+    prompt, chosen, rejected, truncated = dpo.tokenize_pair(tokenizer, {"prompt": "12+3=", "chosen": "15", "rejected": "105"}, 64, False)
+    assert tokenizer.decode(prompt) == "12+3=" and not truncated
+    assert chosen == tokenizer("15", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert rejected == tokenizer("105", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    prompt, chosen, rejected, truncated = dpo.tokenize_pair(tokenizer, {"prompt": "12+3=", "chosen": "15", "rejected": "105"}, 8, False)
+    assert truncated and len(prompt) + len(rejected) == 8 and len(chosen) == 3
+    *_, truncated = dpo.tokenize_pair(tokenizer, {"prompt": "12+3=", "chosen": "15", "rejected": "10"}, 8, False)
+    assert not truncated
+
+
+def test_collate_puts_chosen_then_rejected_with_identical_prompts_and_completion_masks():
+    tokenizer = common.build_tiny_tokenizer()
+    pairs = tokenized_pairs(tokenizer, PAIRS[:3])
+    batch = dpo.collate(pairs, tokenizer.pad_token_id, "cpu")
+    assert batch["input_ids"].shape[0] == 6
+    for row, (prompt, chosen, rejected) in enumerate(pairs):
+        for offset, completion in ((0, chosen), (3, rejected)):
+            ids, mask = batch["input_ids"][row + offset], batch["completion_mask"][row + offset]
+            assert ids[: len(prompt)].tolist() == prompt
+            assert ids[mask.bool()].tolist() == completion
+            assert batch["attention_mask"][row + offset].sum() == len(prompt) + len(completion)
+
+
+def test_concatenated_forward_gives_each_pair_the_logprobs_it_has_alone():
+    tokenizer, model = tiny_model()
+    pairs = tokenized_pairs(tokenizer, PAIRS)
+    with torch.no_grad():
+        chosen, rejected = dpo.concatenated_forward(model, dpo.collate(pairs, tokenizer.pad_token_id, "cpu"))
+        for index, (prompt, chosen_ids, rejected_ids) in enumerate(pairs):
+            for completion, batched in ((chosen_ids, chosen[index]), (rejected_ids, rejected[index])):
+                logprobs = torch.log_softmax(model(torch.tensor([prompt + completion])).logits[0], -1)
+                alone = sum(logprobs[len(prompt) + i - 1, token] for i, token in enumerate(completion))
+                torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_concatenated_forward_is_the_same_on_a_left_padded_batch():
+    """position_ids come from the mask, so moving the padding to the left changes nothing."""
+    tokenizer, model = tiny_model()
+    batch = dpo.collate(tokenized_pairs(tokenizer, PAIRS), tokenizer.pad_token_id, "cpu")
+    shifts = batch["attention_mask"].size(1) - batch["attention_mask"].sum(-1)
+    left_padded = {key: torch.stack([row.roll(int(shift)) for row, shift in zip(value, shifts)]) for key, value in batch.items()}
+    assert (left_padded["attention_mask"][:, 0] == 0).any()
+    with torch.no_grad():
+        for right, left in zip(dpo.concatenated_forward(model, batch), dpo.concatenated_forward(model, left_padded)):
+            torch.testing.assert_close(left, right, atol=1e-5, rtol=1e-5)
+
+
+def test_precomputed_reference_logprobs_equal_a_live_reference_model():
+    tokenizer, model = tiny_model()
+    pairs = tokenized_pairs(tokenizer, PAIRS)
+    precomputed_chosen, precomputed_rejected = dpo.reference_logprobs(model, pairs, 3, tokenizer.pad_token_id, "cpu")
+    live_model = copy.deepcopy(model)
+    with torch.no_grad():
+        for indices in ([4, 0], [2], [1, 3]):  # other batches, other padding
+            live_chosen, live_rejected = dpo.concatenated_forward(live_model, dpo.collate([pairs[i] for i in indices], 0, "cpu"))
+            torch.testing.assert_close(live_chosen, precomputed_chosen[indices], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(live_rejected, precomputed_rejected[indices], atol=1e-5, rtol=1e-5)
+
+
+def test_one_sigmoid_step_raises_chosen_and_lowers_rejected_logprobs_of_the_model():
+    tokenizer, model = tiny_model(seed=1)
+    batch = dpo.collate(tokenized_pairs(tokenizer, PAIRS), tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        ref_chosen, ref_rejected = dpo.concatenated_forward(model, batch)
+    chosen, rejected = dpo.concatenated_forward(model, batch)
+    losses, *_ = dpo.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=0.1)
+    losses.mean().backward()
+    torch.optim.SGD(model.parameters(), lr=0.05).step()
+    with torch.no_grad():
+        new_chosen, new_rejected = dpo.concatenated_forward(model, batch)
+    assert new_chosen.sum() > ref_chosen.sum() and new_rejected.sum() < ref_rejected.sum()
+
+
+def test_rejected_from_model_rejects_the_models_own_wrong_answers_only():
+    tokenizer, model = tiny_model()
+    prompts = [{"prompt": pair["prompt"], "answer": pair["chosen"]} for pair in PAIRS]
+    _, greedy = common.evaluate_accuracy(model, tokenizer, prompts, 4)
+    pairs = [dict(PAIRS[0], chosen=greedy[0]), *PAIRS[1:]]  # the model is "right" on the first pair
+    result = dpo.rejected_from_model(model, tokenizer, pairs, 4, False)
+    assert result[0] == pairs[0]
+    assert [pair["rejected"] for pair in result[1:]] == greedy[1:] != [pair["rejected"] for pair in PAIRS[1:]]
+    assert [(pair["prompt"], pair["chosen"]) for pair in result] == [(pair["prompt"], pair["chosen"]) for pair in pairs]
+
+
+# ----------------------------------------------------------------------------- end to end
+def run_dpo(tmp_path, model_path, **overrides) -> str:
+    output_dir = str(tmp_path / overrides.pop("name", "ckpt"))
+    arguments = dict(
+        model=model_path, num_pairs=32, total_steps=3, batch_size=4, eval_every=2, eval_size=8, learning_rate=1e-2, output_dir=output_dir
+    )
+    dpo.main(dpo.Args(**{**arguments, **overrides}))
+    return output_dir
+
+
+def test_dpo_end_to_end_changes_the_model_and_writes_a_checkpoint_that_loads(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    output_dir = run_dpo(tmp_path, tiny_checkpoint)
+    assert (tmp_path / "runs").is_dir()
+    before = AutoModelForCausalLM.from_pretrained(tiny_checkpoint).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(output_dir).state_dict()
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+    tokenizer = common.load_tokenizer(output_dir)
+    inputs = tokenizer(["1+2="], return_tensors="pt")
+    output = AutoModelForCausalLM.from_pretrained(output_dir).generate(
+        **inputs, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    )
+    assert output.shape[1] > inputs["input_ids"].shape[1]
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_keeping_the_reference_model_trains_the_same_as_precomputing_it(tiny_checkpoint, tmp_path, monkeypatch, loss_type):
+    monkeypatch.chdir(tmp_path)
+    extra = {"loss_type": loss_type, "sft_coef": 0.5, "label_smoothing": 0.1 if loss_type == "sigmoid" else 0.0}
+    precomputed = run_dpo(tmp_path, tiny_checkpoint, name="precomputed", **extra)
+    live = run_dpo(tmp_path, tiny_checkpoint, name="live", keep_reference_model=True, **extra)
+    precomputed_state = AutoModelForCausalLM.from_pretrained(precomputed).state_dict()
+    live_state = AutoModelForCausalLM.from_pretrained(live).state_dict()
+    for name, tensor in precomputed_state.items():
+        torch.testing.assert_close(live_state[name], tensor, atol=1e-5, rtol=1e-4)
+
+
+def test_dpo_on_jsonl(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join('{"prompt": "say hi: ", "chosen": "hi", "rejected": "go away"}' for _ in range(6)))
+    assert (tmp_path / run_dpo(tmp_path, tiny_checkpoint, dataset=str(data)) / "config.json").is_file()
+
+
+def test_bad_jsonl_names_the_line(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')
+    with pytest.raises(ValueError, match="pairs.jsonl:2: missing field 'rejected'"):
+        run_dpo(tmp_path, tiny_checkpoint, dataset=str(data))
+    assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"loss_type": "ipo", "label_smoothing": 0.1}, "--label-smoothing applies to --loss-type sigmoid only"),
+        ({"label_smoothing": 0.5}, r"--label-smoothing must be in \[0, 0.5\)"),
+        ({"beta": 0.0}, "--beta must be > 0"),
+        ({"loss_type": "kto"}, "--loss-type must be sigmoid, ipo or hinge"),
+        ({"rejected_from_model": True, "dataset": "pairs.jsonl"}, "--rejected-from-model needs --dataset arithmetic"),
+    ],
+)
+def test_bad_flags_are_rejected_before_loading(tmp_path, monkeypatch, overrides, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        run_dpo(tmp_path, str(tmp_path / "missing"), **overrides)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_missing_model_path_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run_dpo(tmp_path, str(tmp_path / "missing"))

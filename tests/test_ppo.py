@@ -1,0 +1,322 @@
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+import common
+import ppo
+
+FAST = settings(max_examples=60, deadline=None)
+
+
+def random_batch(seed: int, rows: int, length: int):
+    """Random rewards and values and a completion-style mask (real tokens first, at least one per row)."""
+    generator = torch.Generator().manual_seed(seed)
+    rewards = torch.randn(rows, length, generator=generator)
+    values = torch.randn(rows, length, generator=generator)
+    lengths = torch.randint(1, length + 1, (rows,), generator=generator)
+    mask = (torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)).float()
+    return rewards, values, mask, lengths
+
+
+batches = st.tuples(st.integers(0, 10_000), st.integers(1, 4), st.integers(1, 7))
+discounts = st.floats(0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------- GAE
+@FAST
+@given(batches, discounts, discounts)
+def test_gae_equals_the_direct_sum_of_discounted_td_errors(batch, gamma, lam):
+    rewards, values, mask, lengths = random_batch(*batch)
+    advantages, returns = ppo.compute_gae(rewards, values, mask, gamma, lam)
+    for row, n in enumerate(lengths.tolist()):
+        next_values = [values[row, t + 1].item() if t + 1 < n else 0.0 for t in range(n)]
+        deltas = [rewards[row, t].item() + gamma * next_values[t] - values[row, t].item() for t in range(n)]
+        for t in range(n):
+            expected = sum((gamma * lam) ** step * deltas[t + step] for step in range(n - t))
+            assert advantages[row, t].item() == pytest.approx(expected, abs=1e-4)
+    torch.testing.assert_close(returns, (advantages + values) * mask)
+
+
+@FAST
+@given(batches)
+def test_gae_with_gamma_and_lambda_one_is_reward_to_go_minus_value(batch):
+    rewards, values, mask, _ = random_batch(*batch)
+    advantages, returns = ppo.compute_gae(rewards, values, mask, 1.0, 1.0)
+    reward_to_go = (rewards * mask).flip(1).cumsum(1).flip(1)
+    torch.testing.assert_close(advantages, (reward_to_go - values) * mask, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(returns, reward_to_go * mask, atol=1e-5, rtol=1e-5)
+
+
+@FAST
+@given(batches, discounts, discounts, st.integers(0, 10_000))
+def test_gae_ignores_everything_outside_the_mask(batch, gamma, lam, noise_seed):
+    rewards, values, mask, _ = random_batch(*batch)
+    generator = torch.Generator().manual_seed(noise_seed)
+    padding = 1 - mask
+    noisy_rewards = rewards + padding * torch.randn(rewards.shape, generator=generator) * 100
+    noisy_values = values + padding * torch.randn(values.shape, generator=generator) * 100
+    advantages, returns = ppo.compute_gae(rewards, values, mask, gamma, lam)
+    noisy_advantages, noisy_returns = ppo.compute_gae(noisy_rewards, noisy_values, mask, gamma, lam)
+    torch.testing.assert_close(noisy_advantages, advantages)
+    torch.testing.assert_close(noisy_returns, returns)
+    assert torch.all(advantages[mask == 0] == 0) and torch.all(returns[mask == 0] == 0)
+
+
+@FAST
+@given(batches, st.integers(0, 10_000))
+def test_whitening_as_ppo_uses_it(batch, noise_seed):
+    """Advantages: masked mean 0, variance 1, padding never moves the statistics. Rewards: unit variance, mean kept."""
+    rewards, values, mask, _ = random_batch(*batch)
+    assume(mask.sum() >= 2)
+    advantages, _ = ppo.compute_gae(rewards, values, mask, 1.0, 0.95)
+    whitened = common.masked_whiten(advantages, mask)
+    assert common.masked_mean(whitened, mask).item() == pytest.approx(0.0, abs=1e-5)
+    assume(common.masked_var(advantages, mask) > 1e-3)
+    assert common.masked_var(whitened, mask).item() == pytest.approx(1.0, rel=1e-3)
+    garbage = advantages + (1 - mask) * torch.randn(mask.shape, generator=torch.Generator().manual_seed(noise_seed)) * 100
+    torch.testing.assert_close(common.masked_whiten(garbage, mask), whitened)
+    assume(common.masked_var(rewards, mask) > 1e-3)
+    scaled = common.masked_whiten(rewards, mask, shift_mean=False)
+    assert common.masked_mean(scaled, mask).item() == pytest.approx(common.masked_mean(rewards, mask).item(), abs=1e-5)
+    assert common.masked_var(scaled, mask).item() == pytest.approx(1.0, rel=1e-3)
+
+
+# ----------------------------------------------------------------------------- KL-shaped reward
+@FAST
+@given(batches, st.floats(0.0, 1.0), st.sampled_from(["k1", "k3"]))
+def test_kl_penalized_reward_puts_the_score_on_the_last_real_token(batch, kl_coef, kl_estimator):
+    logprobs, ref_logprobs, mask, lengths = random_batch(*batch)
+    scores = torch.randn(mask.size(0), generator=torch.Generator().manual_seed(batch[0] + 1))
+    rewards, kl = ppo.kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, kl_estimator)
+    log_ratio = logprobs - ref_logprobs
+    expected_kl = log_ratio if kl_estimator == "k1" else torch.exp(-log_ratio) + log_ratio - 1
+    torch.testing.assert_close(kl, expected_kl * mask)
+    expected = -kl_coef * expected_kl * mask
+    expected[torch.arange(mask.size(0)), lengths - 1] += scores
+    torch.testing.assert_close(rewards, expected)
+    if kl_estimator == "k3":
+        assert torch.all(kl >= 0)
+
+
+def test_kl_penalized_reward_with_equal_policies_is_only_the_score():
+    logprobs = torch.randn(2, 4)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    rewards, kl = ppo.kl_penalized_rewards(torch.tensor([2.0, -3.0]), logprobs, logprobs, mask, 0.1)
+    assert torch.equal(rewards, torch.tensor([[0.0, 2.0, 0.0, 0.0], [0.0, 0.0, 0.0, -3.0]])) and torch.all(kl == 0)
+    with pytest.raises(ValueError, match="k1 or k3"):
+        ppo.kl_penalized_rewards(torch.zeros(2), logprobs, logprobs, mask, 0.1, "k2")
+
+
+def test_adaptive_kl_controller_moves_beta_toward_the_target():
+    assert ppo.adaptive_kl_coef(0.1, kl=12.0, target_kl=6.0, horizon=10_000, num_samples=64) == pytest.approx(0.1 * (1 + 0.2 * 64 / 10_000))
+    assert ppo.adaptive_kl_coef(0.1, kl=5.0, target_kl=6.0, horizon=10_000, num_samples=64) == pytest.approx(
+        0.1 * (1 - 64 / 6 / 10_000 * 1)
+    )
+    assert ppo.adaptive_kl_coef(0.1, kl=0.0, target_kl=6.0, horizon=100, num_samples=100) == pytest.approx(0.08)
+
+
+# ----------------------------------------------------------------------------- losses
+@FAST
+@given(st.integers(0, 10_000), st.floats(0.05, 0.5))
+def test_policy_loss_gradient_is_zero_exactly_on_the_clip_mask(seed, clip_range):
+    generator = torch.Generator().manual_seed(seed)
+    old_logprobs = torch.randn(3, 5, generator=generator)
+    logprobs = (old_logprobs + 0.6 * torch.randn(3, 5, generator=generator)).requires_grad_()
+    advantages = torch.randn(3, 5, generator=generator)
+    mask = torch.ones(3, 5)
+    ratio = torch.exp(logprobs.detach() - old_logprobs)
+    assume(torch.all((ratio - (1 + clip_range)).abs() > 1e-4) and torch.all((ratio - (1 - clip_range)).abs() > 1e-4))
+    loss, metrics = ppo.ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_range)
+    loss.backward()
+    clipped = ((advantages > 0) & (ratio > 1 + clip_range)) | ((advantages < 0) & (ratio < 1 - clip_range))
+    assert torch.all(logprobs.grad[clipped] == 0) and torch.all(logprobs.grad[~clipped] != 0)
+    # where it is not clipped the gradient is the policy gradient -A * rho * grad(logp), averaged over tokens
+    torch.testing.assert_close(logprobs.grad[~clipped], (-advantages * ratio / mask.sum())[~clipped])
+    assert metrics["clipfrac"].item() == pytest.approx(clipped.float().mean().item())
+    expected = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
+    torch.testing.assert_close(loss.detach(), expected)
+
+
+def test_policy_loss_ignores_padding_and_is_the_negative_advantage_on_policy():
+    advantages = torch.tensor([[1.0, -2.0, 5.0], [0.5, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    logprobs = torch.randn(2, 3)
+    garbage = logprobs.clone()
+    garbage[mask == 0] = 50.0
+    loss, metrics = ppo.ppo_policy_loss(logprobs, logprobs, advantages, mask, 0.2)
+    assert loss.item() == pytest.approx(-(1.0 - 2.0 + 0.5) / 3)
+    assert metrics["ratio_mean"].item() == pytest.approx(1.0) and metrics["approx_kl"].item() == 0
+    torch.testing.assert_close(ppo.ppo_policy_loss(garbage, logprobs, advantages, mask, 0.2)[0], loss)
+
+
+@FAST
+@given(st.integers(0, 10_000), st.floats(0.01, 1.0))
+def test_value_loss_is_half_the_max_of_clipped_and_unclipped_squares(seed, clip_range_value):
+    generator = torch.Generator().manual_seed(seed)
+    old_values, returns = torch.randn(2, 6, generator=generator), torch.randn(2, 6, generator=generator)
+    values = (old_values + torch.randn(2, 6, generator=generator)).requires_grad_()
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    loss, clipfrac = ppo.ppo_value_loss(values, old_values, returns, mask, clip_range_value)
+    v = values.detach()
+    clipped_values = torch.minimum(torch.maximum(v, old_values - clip_range_value), old_values + clip_range_value)
+    squares = torch.maximum((v - returns) ** 2, (clipped_values - returns) ** 2)
+    assert loss.item() == pytest.approx(0.5 * squares[mask == 1].mean().item(), rel=1e-5)
+    clipped_wins = ((clipped_values - returns) ** 2 > (v - returns) ** 2) & (mask == 1)
+    assert clipfrac.item() == pytest.approx(clipped_wins.sum().item() / mask.sum().item())
+    loss.backward()
+    # the clipped square wins only when V is outside the clip range, where it has no gradient w.r.t. V
+    assert torch.all(values.grad[clipped_wins] == 0) and torch.all(values.grad[mask == 0] == 0)
+
+
+# ----------------------------------------------------------------------------- models
+@pytest.fixture(scope="module")
+def tiny_reward_model(tiny_checkpoint, tmp_path_factory) -> str:
+    """A reward_model.py-style checkpoint: GPT2ForSequenceClassification, num_labels=1, pad_token_id set, random head."""
+    torch.manual_seed(1)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_checkpoint, num_labels=1)
+    torch.nn.init.normal_(model.score.weight, std=1.0)
+    path = tmp_path_factory.mktemp("reward") / "reward_model"
+    common.save_checkpoint(model, common.load_tokenizer(tiny_checkpoint), str(path))
+    return str(path)
+
+
+def left_padded_rollout(policy, tokenizer, prompts, max_new_tokens=4, temperature=0.7):
+    """Sample completions for left-padded prompts; return what the training loop builds from them."""
+    prompt_batch = tokenizer.pad({"input_ids": [common.tokenize_prompt(tokenizer, p) for p in prompts]}, return_tensors="pt")
+    output = policy.generate(
+        **prompt_batch,
+        max_new_tokens=max_new_tokens,
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    prompt_length = prompt_batch["input_ids"].size(1)
+    completion_ids = output.sequences[:, prompt_length:]
+    mask, has_eos = common.completion_mask(completion_ids, tokenizer.eos_token_id)
+    attention_mask = torch.cat([prompt_batch["attention_mask"], mask], dim=1)
+    return output, prompt_length, completion_ids, mask, has_eos, attention_mask
+
+
+def test_training_logprobs_and_values_equal_those_at_sampling_time(tiny_checkpoint, tiny_reward_model):
+    torch.manual_seed(0)
+    tokenizer = common.load_tokenizer(tiny_checkpoint)
+    policy = common.load_model(tiny_checkpoint)
+    prompts = ["1+2=", "37+45=", "9+99="]
+    output, prompt_length, completion_ids, mask, _, attention_mask = left_padded_rollout(policy, tokenizer, prompts)
+    with torch.no_grad():
+        logits = ppo.completion_logits(policy, output.sequences, attention_mask, prompt_length)
+        sampled = common.token_logprobs(torch.stack(output.logits, dim=1), completion_ids, 0.7)
+        torch.testing.assert_close(common.token_logprobs(logits, completion_ids, 0.7) * mask, sampled * mask, atol=1e-5, rtol=1e-5)
+        # a row's values in the padded batch equal its values alone, for every real completion token
+        value_model = ppo.load_value_model(tiny_reward_model, False, torch.float32)
+        torch.nn.init.normal_(value_model.score.weight)
+        values = ppo.completion_values(value_model, output.sequences, attention_mask, prompt_length)
+        for row in range(len(prompts)):
+            real = attention_mask[row].bool()
+            alone_ids = output.sequences[row][real].unsqueeze(0)
+            alone_prompt = int(attention_mask[row, :prompt_length].sum())
+            alone = ppo.completion_values(value_model, alone_ids, torch.ones_like(alone_ids), alone_prompt)
+            n = int(mask[row].sum())
+            torch.testing.assert_close(values[row, :n], alone[0, :n], atol=1e-5, rtol=1e-5)
+
+
+def test_completion_values_are_read_at_the_state_before_each_token(tiny_reward_model):
+    value_model = ppo.load_value_model(tiny_reward_model, False, torch.float32)
+    torch.nn.init.normal_(value_model.score.weight)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [5, 6, 7, 20, 9, 10]])  # prompt of 3 tokens, completions differ at token 0
+    with torch.no_grad():
+        values = ppo.completion_values(value_model, ids, torch.ones_like(ids), 3)
+    assert values.shape == (2, 3)
+    # V(s_0) sees only the prompt, so it is the same for both rows; later states see the differing token
+    torch.testing.assert_close(values[0, 0], values[1, 0])
+    assert torch.all(values[0, 1:] != values[1, 1:])
+
+
+def test_value_model_starts_at_zero_from_the_reward_model_backbone(tiny_reward_model):
+    value_model = ppo.load_value_model(tiny_reward_model, False, torch.float32)
+    reward_model = AutoModelForSequenceClassification.from_pretrained(tiny_reward_model)
+    ids = torch.tensor([[5, 6, 7, 1]])
+    assert torch.all(ppo.completion_values(value_model, ids, torch.ones_like(ids), 1) == 0)
+    for (name, value_param), reward_param in zip(value_model.base_model.named_parameters(), reward_model.base_model.parameters()):
+        assert torch.equal(value_param, reward_param), name
+    assert all(module.p == 0 for module in value_model.modules() if isinstance(module, torch.nn.Dropout))
+
+
+def test_retokenised_reward_model_inputs_score_like_the_policy_ids(tiny_checkpoint, tiny_reward_model):
+    tokenizer = common.load_tokenizer(tiny_checkpoint)
+    reward_model = common.load_model(tiny_reward_model, AutoModelForSequenceClassification)
+    prompts, completion_texts = ["1+2=", "37+45=", "9+99="], ["3", "82x", "108"]
+    prompt_batch = tokenizer.pad({"input_ids": [common.tokenize_prompt(tokenizer, p) for p in prompts]}, return_tensors="pt")
+    # completions as the policy would sample them: EOS then padding, an EOS-less (truncated) one, then padding after EOS
+    completion_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in completion_texts]
+    completion_ids = torch.tensor([completion_ids[0] + [1, 0, 0], completion_ids[1] + [5], completion_ids[2] + [1]])
+    mask, has_eos = common.completion_mask(completion_ids, tokenizer.eos_token_id)
+    assert has_eos.tolist() == [True, False, True]
+    sequences = torch.cat([prompt_batch["input_ids"], completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_batch["attention_mask"], mask], dim=1)
+    completions = common.decode_completions(tokenizer, completion_ids, mask)
+    with torch.no_grad():
+        same_ids = common.reward_model_scores(reward_model, sequences, attention_mask)
+        inputs = ppo.reward_model_inputs(ppo.Args(), tokenizer, prompts, completions, has_eos, "cpu")
+        retokenised = common.reward_model_scores(reward_model, *inputs)
+    torch.testing.assert_close(retokenised, same_ids, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- end to end
+def tiny_args(tmp_path, policy: str, **overrides) -> ppo.Args:
+    defaults = dict(
+        model=policy,
+        output_dir=str(tmp_path / "ppo"),
+        total_steps=2,
+        batch_size=8,
+        num_minibatches=2,
+        num_ppo_epochs=2,
+        learning_rate=1e-3,
+        eval_every=1,
+        eval_size=8,
+        device="cpu",
+    )
+    return ppo.Args(**{**defaults, **overrides})
+
+
+def changed(model, reference) -> bool:
+    return any(not torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters()))
+
+
+def test_end_to_end_with_a_reward_model_updates_policy_and_value(tiny_checkpoint, tiny_reward_model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    policy, value_model = ppo.main(tiny_args(tmp_path, tiny_checkpoint, reward_model=tiny_reward_model))
+    assert changed(policy, AutoModelForCausalLM.from_pretrained(tiny_checkpoint))
+    reward_model = AutoModelForSequenceClassification.from_pretrained(tiny_reward_model)
+    assert changed(value_model.base_model, reward_model.base_model) and torch.any(value_model.score.weight != 0)
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "ppo")
+    assert not changed(saved, policy) and (tmp_path / "runs").is_dir()
+
+
+def test_end_to_end_with_the_arithmetic_reward_k3_and_adaptive_kl(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = tiny_args(tmp_path, tiny_checkpoint, reward_fn="arithmetic", kl_estimator="k3", target_kl=1.0, whiten_rewards=True)
+    policy, value_model = ppo.main(args)
+    assert changed(policy, AutoModelForCausalLM.from_pretrained(tiny_checkpoint))
+    assert torch.any(value_model.score.weight != 0)
+    assert (tmp_path / "ppo" / "config.json").is_file()
+
+
+def test_bad_flags_and_paths_are_clear_errors(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="--num-minibatches 3 must divide --batch-size 8"):
+        ppo.main(tiny_args(tmp_path, tiny_checkpoint, num_minibatches=3))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ppo.main(tiny_args(tmp_path, tiny_checkpoint, reward_model=str(tmp_path / "no_reward_model")))
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "1+1="}\n')
+    with pytest.raises(ValueError, match="data.jsonl:1: missing field 'answer'"):
+        ppo.main(tiny_args(tmp_path, tiny_checkpoint, reward_fn="arithmetic", dataset=str(data)))
+    assert not (tmp_path / "ppo").exists()
