@@ -58,8 +58,9 @@ def _from_pretrained(loader, name_or_path: str, what: str, **kwargs):
         return loader(name_or_path, **kwargs)
     except (OSError, ValueError) as error:
         raise OSError(
-            f"could not load {what} {name_or_path!r}: not a local checkpoint folder, and not a model id that "
-            f"can be fetched from the Hugging Face hub here (offline?). Original error: {error}"
+            f"could not load {what} {name_or_path!r}: there is no folder {str(Path(name_or_path).expanduser().resolve())!r} "
+            f"(for checkpoints/sft run `python sft.py` first), and it is not a model id that can be fetched from the "
+            f"Hugging Face hub here (offline?). Original error: {error}"
         ) from error
 
 
