@@ -386,7 +386,11 @@ def main(args: Args) -> None:
         num_tokens = mask.sum().clamp(min=1)
 
         # 3. reference and old log-probs, once per rollout; with mu = 1 the old policy is the current one (rho = 1)
-        micro_batches = [slice(i, i + args.micro_batch_size) for i in range(0, args.batch_size, args.micro_batch_size)]
+        # With beta = 0 a completion whose advantage is 0 (its whole group scored the same) adds exactly nothing to the
+        # loss or its gradient, so it is left out of the forward/backward passes. The normalisers (the batch size and
+        # num_tokens given to grpo_loss) still count it, so the loss is unchanged; often most groups are constant.
+        updated_rows = torch.arange(args.batch_size, device=device) if args.beta != 0.0 else advantages.nonzero().squeeze(1)
+        micro_batches = [chunk for chunk in updated_rows.split(args.micro_batch_size) if len(chunk)]
         ref_logprobs = old_logprobs = None
         if reference is not None:
             ref_logprobs = frozen_logprobs(reference, input_ids, attention_mask, prompt_length, args.temperature, args.micro_batch_size)
@@ -394,9 +398,9 @@ def main(args: Args) -> None:
             old_logprobs = frozen_logprobs(model, input_ids, attention_mask, prompt_length, args.temperature, args.micro_batch_size)
 
         # 4. mu optimizer steps on this rollout, accumulating gradients over micro-batches
-        sums: dict[str, float] = {}
+        sums: dict[str, float] = {"losses/policy_loss": 0.0}
         for _ in range(args.num_iterations):
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=False)  # zeros, not None: a step with no updated rows still applies Adam's momentum
             for mb in micro_batches:
                 logprobs, logits = completion_logprobs(model, input_ids[mb], attention_mask[mb], prompt_length, args.temperature)
                 old = logprobs.detach() if old_logprobs is None else old_logprobs[mb]
@@ -424,7 +428,7 @@ def main(args: Args) -> None:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             optimizer.step()
             scheduler.step()
-        sums["losses/policy_loss"] *= len(micro_batches)  # the micro-batch losses add up to the batch loss
+        sums["losses/policy_loss"] *= max(1, len(micro_batches))  # the micro-batch losses add up to the batch loss
 
         # 5. logging (DESIGN.md section 6)
         group_std = rewards.view(-1, args.group_size).std(dim=1)

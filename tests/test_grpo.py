@@ -141,6 +141,23 @@ def test_loss_normalisers_match_direct_computation_and_ignore_padding(loss_type)
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_leaving_out_zero_advantage_rows_changes_nothing_when_beta_is_0(loss_type):
+    """grpo.py skips completions with A_i = 0 when beta = 0; with the whole batch's normalisers that is exact."""
+    logprobs, old, _, advantages, mask = random_batch(2)
+    advantages = advantages.clone()
+    advantages[[1, 3]] = 0.0  # two completions from constant groups
+    loss, _ = grpo.grpo_loss(logprobs, old, advantages, mask, loss_type=loss_type, max_completion_length=10)
+    (full_gradient,) = torch.autograd.grad(loss, logprobs)
+    kept = advantages.nonzero().squeeze(1)
+    kept_logprobs = logprobs.detach()[kept].requires_grad_()
+    kept_loss, _ = grpo.grpo_loss(kept_logprobs, old[kept], advantages[kept], mask[kept], None, 0.0, 0.2, 0.2, loss_type, 10, 4, mask.sum())
+    (kept_gradient,) = torch.autograd.grad(kept_loss, kept_logprobs)
+    torch.testing.assert_close(kept_loss, loss.detach())
+    torch.testing.assert_close(kept_gradient, full_gradient[kept])
+    assert torch.all(full_gradient[[1, 3]] == 0)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_mu_1_gradient_is_reinforce_with_baseline(loss_type):
     """With old = logp.detach() (rho = 1) the gradient is -sum_{i,t} A_i grad logp_it / normaliser."""
     torch.manual_seed(0)
