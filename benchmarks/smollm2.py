@@ -61,7 +61,7 @@ def main(args: Args) -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="smollm2-") as folder:
         qa, preferences = write_data(Path(folder))
-        grpo_shape = ["--max-completion-length", "24", "--group-size", "8", "--learning-rate", "1e-6", "--beta", "0.0", "--loss-type", "grpo"]
+        grpo_shape = "--max-completion-length 24 --group-size 8 --learning-rate 1e-6 --beta 0.0 --loss-type grpo".split()
         for seed in args.seeds:
             ours = harness.run_script(
                 "grpo.py",
@@ -85,7 +85,9 @@ def main(args: Args) -> None:
                 ["--model", model, "--dataset", preferences, "--chat-template", "--batch-size", "4", "--total-steps", str(args.steps)]
                 + ["--learning-rate", "1e-6", "--eval-every", "1000", "--eval-size", "8", "--output-dir", f"{folder}/{script}"],
             )
-            rows.append([script.removesuffix(".py"), f"ours ({script})", 1, f"{step_seconds(run['scalars']):.2f}", f"{run['peak_rss_mb']:.0f}"])
+            rows.append(
+                [script.removesuffix(".py"), f"ours ({script})", 1, f"{step_seconds(run['scalars']):.2f}", f"{run['peak_rss_mb']:.0f}"]
+            )
 
     by_side = {}
     for algorithm, side, _, seconds, _ in rows:

@@ -1,0 +1,355 @@
+# Direct Preference Optimization (DPO): preference pairs, no reward model, no critic, no rollouts. README.md, section "DPO".
+import copy
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+import tyro
+from transformers import AutoModelForCausalLM
+
+import common
+
+
+@dataclass
+class Args:
+    # experiment
+    exp_name: str = "dpo"
+    """the name of this experiment (prefix of the run name under runs/)"""
+    seed: int = 1
+    """seed of the experiment"""
+    device: str = "auto"
+    """`auto` (cuda > mps > cpu), or a torch device such as `cpu` or `cuda:1`"""
+    dtype: str = "auto"
+    """weights dtype: auto (bfloat16 on a GPU that supports it, float32 elsewhere), float32, bfloat16 or float16"""
+    track: bool = False
+    """log to Weights & Biases as well as TensorBoard"""
+    wandb_project_name: str = "rlhf-reference"
+    """the W&B project, when --track"""
+    wandb_entity: str | None = None
+    """the W&B entity (team), when --track"""
+    output_dir: str = "checkpoints/dpo"
+    """where the final Hugging Face checkpoint (model + tokenizer) is written"""
+
+    # model and data
+    model: str = "checkpoints/sft"
+    """the starting policy, which is also the frozen reference pi_ref: a Hugging Face model id or a local checkpoint folder"""
+    trust_remote_code: bool = False
+    """allow a hub model to run its own Python code"""
+    dataset: str = "arithmetic"
+    """`arithmetic` (correct sum chosen, a near miss rejected), a prompt/chosen/rejected .jsonl file, or a Hugging Face dataset id"""
+    digits: int = 2
+    """operand digits of the arithmetic task"""
+    num_pairs: int = 10000
+    """arithmetic: preference pairs generated (training cycles through them)"""
+    rejected_from_model: bool = False
+    """arithmetic only: where the starting model's greedy answer is wrong, reject that answer instead of the near miss"""
+    hf_split: str = "train"
+    """split of a Hugging Face dataset"""
+    prompt_field: str = "prompt"
+    """prompt column of a Hugging Face dataset"""
+    chosen_field: str = "chosen"
+    """chosen (preferred) completion column of a Hugging Face dataset"""
+    rejected_field: str = "rejected"
+    """rejected completion column of a Hugging Face dataset"""
+    chat_template: bool = False
+    """wrap each prompt in the tokenizer's chat template (when it has one)"""
+    max_length: int = 512
+    """prompt + completion tokens kept per sequence; longer completions are cut at the end (and counted)"""
+
+    # algorithm
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    """sigmoid (DPO), ipo (squared loss on length-normalised log-ratios) or hinge (SLiC)"""
+    beta: float = 0.1
+    """beta: strength of the implicit KL penalty toward the reference; implicit reward = beta * log(pi / pi_ref)"""
+    label_smoothing: float = 0.0
+    """eps of conservative DPO (sigmoid loss only): the probability that a pair's label is flipped, in [0, 0.5)"""
+    sft_coef: float = 1.0
+    """weight of the per-token NLL of the chosen completions added to the loss (keeps log pi(y_w|x) from falling); 0 is plain DPO"""
+    keep_reference_model: bool = False
+    """keep a frozen copy of the reference model in memory and run it every step, instead of precomputing its log-probs once"""
+
+    # optimisation
+    total_steps: int = 3000
+    """optimizer steps"""
+    batch_size: int = 32
+    """preference pairs per step (the forward pass holds twice as many sequences)"""
+    learning_rate: float = 3e-3
+    """peak learning rate of AdamW"""
+    warmup_steps: int = 20
+    """linear warm-up steps, then linear decay to 0"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm"""
+    eval_every: int = 250
+    """evaluate held-out greedy accuracy every this many steps, before training and at the end (arithmetic only)"""
+    eval_size: int = 500
+    """held-out problems to evaluate on"""
+
+
+def load_pairs(args: Args) -> list[dict]:
+    """Training pairs {"prompt", "chosen", "rejected"}."""
+    if args.dataset == "arithmetic":
+        return common.arithmetic_preference_pairs(args.num_pairs, args.digits, "train", seed=args.seed)
+    if args.dataset.endswith(".jsonl"):
+        return common.read_jsonl(args.dataset, ("prompt", "chosen", "rejected"))
+    fields = {"prompt": args.prompt_field, "chosen": args.chosen_field, "rejected": args.rejected_field}
+    return common.load_hf_dataset(args.dataset, args.hf_split, fields)
+
+
+def rejected_from_model(model, tokenizer, pairs: list[dict], max_new_tokens: int, chat_template: bool) -> list[dict]:
+    """The pairs with the rejected completion replaced by the model's own greedy answer wherever that answer is wrong.
+
+    Preferences on the model's own mistakes push down exactly what greedy decoding gets wrong (on-policy-ish data).
+    """
+    problems = [{**pair, "answer": pair["chosen"]} for pair in pairs]
+    _, answers = common.evaluate_accuracy(model, tokenizer, problems, max_new_tokens, chat_template=chat_template)
+    print(f"{sum(answer != pair['chosen'] for pair, answer in zip(pairs, answers))} of {len(pairs)} rejected answers are the model's own")
+    return [{**pair, "rejected": answer} if answer != pair["chosen"] else pair for pair, answer in zip(pairs, answers)]
+
+
+def tokenize_pair(tokenizer, row: dict, max_length: int, chat_template: bool) -> tuple[list[int], list[int], list[int], bool]:
+    """(prompt_ids, chosen_ids, rejected_ids, truncated).
+
+    The prompt is tokenised once and shared by both completions, so the two sequences of a pair
+    differ only in their completions. Each completion is tokenised on its own (tokenising
+    prompt + completion as one string could merge tokens across the boundary), gets EOS appended,
+    and is cut at the end so that prompt + completion fits in max_length.
+    """
+    prompt_ids = common.tokenize_prompt(tokenizer, row["prompt"], chat_template)[:max_length]
+    chosen_ids, rejected_ids = (
+        tokenizer(row[key], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for key in ("chosen", "rejected")
+    )
+    room = max_length - len(prompt_ids)
+    truncated = max(len(chosen_ids), len(rejected_ids)) > room
+    return prompt_ids, chosen_ids[:room], rejected_ids[:room], truncated
+
+
+def collate(pairs: list[tuple[list[int], list[int], list[int]]], pad_token_id: int, device) -> dict:
+    """One right-padded batch of 2B rows: the B chosen sequences, then the B rejected ones, for one forward pass.
+
+    Returns input_ids, attention_mask and completion_mask (1 on completion tokens, EOS included;
+    0 on prompt and padding).
+    """
+    sequences = [(prompt, chosen) for prompt, chosen, _ in pairs] + [(prompt, rejected) for prompt, _, rejected in pairs]
+    length = max(len(prompt) + len(completion) for prompt, completion in sequences)
+    input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    completion_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, (prompt, completion) in enumerate(sequences):
+        end = len(prompt) + len(completion)
+        input_ids[row, :end] = torch.tensor(prompt + completion, dtype=torch.long)
+        attention_mask[row, :end] = 1
+        completion_mask[row, len(prompt) : end] = 1
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), "completion_mask": completion_mask.to(device)}
+
+
+def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    """log pi(y|x) = sum_{t in C} log pi(y_t | x, y_<t), summed over the completion positions C only; shape (batch,).
+
+    The logits at position t predict token t+1, so tokens and mask are shifted by one. Prompt
+    and padding positions are replaced by exactly 0 (not multiplied, so even a -inf there
+    cannot leak in); a row with no completion token gives 0.
+    """
+    logprobs = common.token_logprobs(logits[:, :-1], input_ids[:, 1:])
+    return torch.where(completion_mask[:, 1:].bool(), logprobs, 0.0).sum(-1)
+
+
+def concatenated_forward(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log pi(y_w|x), log pi(y_l|x)) for the B pairs of a `collate` batch, from one forward pass over all 2B rows."""
+    attention_mask = batch["attention_mask"]
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=attention_mask, position_ids=common.position_ids_from_mask(attention_mask)
+    ).logits
+    return sequence_logprobs(logits, batch["input_ids"], batch["completion_mask"]).chunk(2)
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(losses, chosen_rewards, rejected_rewards), one value per pair.
+
+    Implicit rewards r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x)), and
+    h = (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x)):
+      sigmoid: L = -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)  (eps = label_smoothing; eps = 0 is DPO)
+      ipo:     L = (h_bar - 1 / (2 beta))^2, h_bar built from length-normalised log-ratios (divided by completion tokens)
+      hinge:   L = max(0, 1 - beta h)
+    At policy == reference (h = 0) they equal log 2, 1 / (4 beta^2) and 1.
+    """
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    h = chosen_logratios - rejected_logratios
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        h_bar = chosen_logratios / chosen_lengths.clamp(min=1) - rejected_logratios / rejected_lengths.clamp(min=1)
+        losses = (h_bar - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    else:
+        raise ValueError(f"loss_type must be sigmoid, ipo or hinge; got {loss_type!r}")
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def chosen_nll(policy_chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
+    """L_SFT = -(sum_i log pi(y_w,i | x_i)) / (sum_i |y_w,i|): the NLL of the chosen completions per token (as in sft.py)."""
+    return -policy_chosen_logps.sum() / chosen_lengths.sum().clamp(min=1)
+
+
+@torch.no_grad()
+def reference_logprobs(model, tokenized: list[tuple], batch_size: int, pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log pi_ref(y_w|x), log pi_ref(y_l|x)) of every pair, computed once before training with the frozen reference."""
+    was_training = model.training
+    model.eval()
+    chosen, rejected = [], []
+    for start in range(0, len(tokenized), batch_size):
+        batch = collate(tokenized[start : start + batch_size], pad_token_id, device)
+        chosen_logps, rejected_logps = concatenated_forward(model, batch)
+        chosen.append(chosen_logps)
+        rejected.append(rejected_logps)
+    model.train(was_training)
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def validate(args: Args) -> None:
+    """Reject flags that cannot work before anything is loaded."""
+    if args.loss_type not in ("sigmoid", "ipo", "hinge"):
+        raise ValueError(f"--loss-type must be sigmoid, ipo or hinge; got {args.loss_type!r}")
+    if args.beta <= 0:
+        raise ValueError(f"--beta must be > 0; got {args.beta}")
+    if not 0 <= args.label_smoothing < 0.5:
+        raise ValueError(f"--label-smoothing must be in [0, 0.5); got {args.label_smoothing}")
+    if args.label_smoothing > 0 and args.loss_type != "sigmoid":
+        raise ValueError(f"--label-smoothing applies to --loss-type sigmoid only; got --loss-type {args.loss_type}")
+    if args.sft_coef < 0:
+        raise ValueError(f"--sft-coef must be >= 0; got {args.sft_coef}")
+    if args.rejected_from_model and args.dataset != "arithmetic":
+        raise ValueError("--rejected-from-model needs --dataset arithmetic")
+
+
+def main(args: Args) -> None:
+    validate(args)
+    run_name = common.run_name_for(args)
+    writer = common.setup_logging(args, run_name)
+    common.seed_everything(args.seed)
+    device = common.choose_device(args.device)
+    dtype = common.choose_dtype(args.dtype, device)
+
+    tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
+    model = common.load_model(args.model, AutoModelForCausalLM, args.trust_remote_code, dtype).to(device)
+    print(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters on {device} in {dtype}")
+
+    pairs = load_pairs(args)
+    if args.rejected_from_model:
+        pairs = rejected_from_model(model, tokenizer, pairs, args.digits + 2, args.chat_template)
+    tokenized = [tokenize_pair(tokenizer, row, args.max_length, args.chat_template) for row in pairs]
+    num_truncated = sum(truncated for *_, truncated in tokenized)
+    if num_truncated:
+        print(f"{num_truncated} of {len(tokenized)} pairs had a completion longer than --max-length {args.max_length} allows; cut")
+    writer.add_scalar("charts/truncated_examples", num_truncated, 0)
+    tokenized = [ids[:3] for ids in tokenized]
+    eval_rows = common.arithmetic_eval_set(args.eval_size, args.digits) if args.dataset == "arithmetic" else []
+
+    # the reference pi_ref is the starting policy, frozen. By default its log-probs are computed once here, so no
+    # second model stays in memory; --keep-reference-model runs a frozen copy every step instead (same numbers).
+    if args.keep_reference_model:
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    else:
+        start = time.time()
+        all_ref_chosen, all_ref_rejected = reference_logprobs(model, tokenized, 4 * args.batch_size, tokenizer.pad_token_id, device)
+        print(f"reference log-probs of {len(tokenized)} pairs computed in {time.time() - start:.1f}s")
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: min(
+            (step + 1) / max(1, args.warmup_steps), max(0.0, (args.total_steps - step) / max(1, args.total_steps - args.warmup_steps))
+        ),
+    )
+    generator = torch.Generator().manual_seed(args.seed)
+    order = []
+
+    def evaluate(step: int) -> str:
+        """Held-out greedy accuracy on arithmetic, logged as charts/eval_accuracy, with a few samples for the console."""
+        if not eval_rows:
+            return ""
+        accuracy, completions = common.evaluate_accuracy(model, tokenizer, eval_rows, args.digits + 2, chat_template=args.chat_template)
+        writer.add_scalar("charts/eval_accuracy", accuracy, step)
+        samples = "  ".join(f"{row['prompt']}{text!r}" for row, text in zip(eval_rows[:3], completions))
+        return f"  eval_accuracy {accuracy:.3f}  samples: {samples}"
+
+    print(f"step     0{evaluate(0)}", flush=True)
+    start_time = time.time()
+    model.train()
+    for step in range(1, args.total_steps + 1):
+        # sample a batch of pairs; reshuffle after each pass over the data
+        while len(order) < args.batch_size:
+            order += torch.randperm(len(tokenized), generator=generator).tolist()
+        indices, order = order[: args.batch_size], order[args.batch_size :]
+        batch = collate([tokenized[i] for i in indices], tokenizer.pad_token_id, device)
+        chosen_lengths, rejected_lengths = batch["completion_mask"].sum(-1).chunk(2)
+
+        policy_chosen_logps, policy_rejected_logps = concatenated_forward(model, batch)
+        if args.keep_reference_model:
+            with torch.no_grad():
+                ref_chosen_logps, ref_rejected_logps = concatenated_forward(ref_model, batch)
+        else:
+            ref_chosen_logps, ref_rejected_logps = all_ref_chosen[indices], all_ref_rejected[indices]
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            policy_chosen_logps,
+            policy_rejected_logps,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            args.beta,
+            args.loss_type,
+            args.label_smoothing,
+            chosen_lengths,
+            rejected_lengths,
+        )
+        # L = mean over pairs of L_DPO + sft_coef * L_SFT (the NLL term that keeps the chosen log-probs from falling)
+        preference_loss = losses.mean()
+        sft_loss = chosen_nll(policy_chosen_logps, chosen_lengths)
+        loss = preference_loss + args.sft_coef * sft_loss
+
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+
+        reward_accuracy = (chosen_rewards > rejected_rewards).float().mean().item()
+        writer.add_scalar("losses/dpo_loss", preference_loss.item(), step)
+        writer.add_scalar("losses/sft_loss", sft_loss.item(), step)
+        writer.add_scalar("losses/grad_norm", grad_norm.item(), step)
+        writer.add_scalar("rewards/chosen", chosen_rewards.mean().item(), step)
+        writer.add_scalar("rewards/rejected", rejected_rewards.mean().item(), step)
+        writer.add_scalar("rewards/accuracies", reward_accuracy, step)
+        writer.add_scalar("rewards/margins", (chosen_rewards - rejected_rewards).mean().item(), step)
+        writer.add_scalar("logps/chosen", policy_chosen_logps.mean().item(), step)
+        writer.add_scalar("logps/rejected", policy_rejected_logps.mean().item(), step)
+        writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
+        writer.add_scalar("charts/SPS", step / (time.time() - start_time), step)
+
+        if step % args.eval_every == 0 or step == args.total_steps:
+            line = (
+                f"step {step:5d}  loss {preference_loss.item():.4f}  reward_accuracy {reward_accuracy:.2f}"
+                f"  margin {(chosen_rewards - rejected_rewards).mean().item():.3f}  logps/chosen {policy_chosen_logps.mean().item():.3f}"
+                f"  SPS {step / (time.time() - start_time):.1f}"
+            )
+            print(line + evaluate(step), flush=True)
+
+    common.save_checkpoint(model, tokenizer, args.output_dir)
+    print(f"saved {args.output_dir} after {time.time() - start_time:.0f}s")
+    writer.close()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
