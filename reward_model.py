@@ -233,7 +233,7 @@ def main(args: Args) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: min(
-            (step + 1) / args.warmup_steps, max(0.0, (args.total_steps - step) / max(1, args.total_steps - args.warmup_steps))
+            (step + 1) / max(1, args.warmup_steps), max(0.0, (args.total_steps - step) / max(1, args.total_steps - args.warmup_steps))
         ),
     )
     generator = torch.Generator().manual_seed(args.seed)

@@ -51,7 +51,17 @@ def test_sft_on_jsonl(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join('{"prompt": "say hi: ", "completion": "hi"}' for _ in range(20)))
-    sft.main(sft.Args(dataset=str(data), total_steps=2, batch_size=4, tiny_n_layer=1, tiny_n_embd=32, output_dir=str(tmp_path / "ckpt")))
+    sft.main(
+        sft.Args(
+            dataset=str(data),
+            total_steps=2,
+            batch_size=4,
+            warmup_steps=0,
+            tiny_n_layer=1,
+            tiny_n_embd=32,
+            output_dir=str(tmp_path / "ckpt"),
+        )
+    )
     assert (tmp_path / "ckpt" / "config.json").is_file()
 
 
