@@ -13,6 +13,22 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+# Runs a script as `python script.py args` would (its folder first on sys.path) and, at exit, writes the
+# process's peak resident memory in kB (VmHWM, reset by exec, so only this script's own) to $PEAK_RSS_FILE.
+_PEAK_PROBE = """
+import atexit, os, runpy, sys
+def _report_peak():
+    with open("/proc/self/status") as status:
+        peak_kb = next(line.split()[1] for line in status if line.startswith("VmHWM"))
+    with open(os.environ["PEAK_RSS_FILE"], "w") as out:
+        out.write(peak_kb)
+atexit.register(_report_peak)
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def ensure_sft_checkpoint(path: str = "checkpoints/sft", seed: int = 1) -> str:
     """The sft.py checkpoint the RL benchmarks start from (default flags); trained once if it is missing."""
     checkpoint = ROOT / path
@@ -26,31 +42,33 @@ def run_script(script: str, args: list[str], echo: bool = True) -> dict:
     """Run `python <script> <args>` in a fresh working folder and return what it measured.
 
     Returns {"wall_s", "peak_rss_mb", "scalars", "stdout"}, where scalars maps each TensorBoard tag to
-    a list of (step, seconds since the run's first logged event, value). Peak resident memory comes
-    from the child's own rusage (os.wait4), so runs measured one after another do not mix.
+    a list of (step, seconds since the run's first logged event, value). Peak resident memory is the
+    script's own high-water mark (VmHWM of /proc/self/status, read at exit by _PEAK_PROBE): unlike the
+    child's rusage it does not include the parent's memory at fork time, so a large benchmark driver
+    does not inflate it. Linux only.
     """
     with tempfile.TemporaryDirectory(prefix="bench-") as workdir:
+        peak_file = Path(workdir) / "peak_rss_kb"
         start = time.time()
         process = subprocess.Popen(
-            [sys.executable, str(ROOT / script), *args],
+            [sys.executable, "-c", _PEAK_PROBE, str(ROOT / script), *args],
             cwd=workdir,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "PEAK_RSS_FILE": str(peak_file)},
         )
         lines = []
         for line in process.stdout:
             lines.append(line)
             if echo:
                 print("   ", line, end="", flush=True)
-        _, status, usage = os.wait4(process.pid, 0)
-        wall_s = time.time() - start
-        if os.waitstatus_to_exitcode(status) != 0:
+        if process.wait() != 0:
             raise RuntimeError(f"{script} {' '.join(args)} failed:\n{''.join(lines[-30:])}")
+        wall_s = time.time() - start
         return {
             "wall_s": wall_s,
-            "peak_rss_mb": usage.ru_maxrss / 1024,
+            "peak_rss_mb": int(peak_file.read_text()) / 1024,
             "scalars": read_scalars(Path(workdir) / "runs"),
             "stdout": "".join(lines),
         }
