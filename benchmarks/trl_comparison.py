@@ -41,6 +41,7 @@ class Args:
 # The hyper-parameters both sides get, set explicitly where the two projects' defaults differ.
 # GRPO: 16 prompts x 8 completions of <= 5 tokens, beta 0 (no reference model), the per-completion "grpo"
 # normalisation (TRL's default is "dapo"), group std scaling, one update per rollout, temperature 1.
+# DPO: plain sigmoid DPO, reference log-probs precomputed on both sides. Reward model: no centring term.
 SETTINGS = {
     "grpo": {"learning_rate": 2e-4, "batch_size": 16, "group_size": 8, "max_completion_length": 5, "beta": 0.0, "loss_type": "grpo"},
     "dpo": {"learning_rate": 1e-4, "batch_size": 32, "dpo_beta": 0.1},
@@ -58,7 +59,8 @@ def ours_command(algorithm: str, seed: int, steps: int, model: str, output_dir: 
         flags += ["--temperature", "1.0", "--num-iterations", "1", "--scale-rewards", "group", "--epsilon", "0.2"]
         return "grpo.py", common_flags + flags
     if algorithm == "dpo":
-        return "dpo.py", common_flags + ["--batch-size", str(s["batch_size"]), "--beta", str(s["dpo_beta"])]
+        # plain sigmoid DPO on both sides: TRL adds no NLL term by default, ours does unless --sft-coef 0
+        return "dpo.py", common_flags + ["--batch-size", str(s["batch_size"]), "--beta", str(s["dpo_beta"]), "--sft-coef", "0"]
     return "reward_model.py", common_flags + ["--batch-size", str(s["batch_size"]), "--center-rewards-coefficient", "0"]
 
 
@@ -142,7 +144,8 @@ def main(args: Args) -> None:
         f"Command: `python benchmarks/trl_comparison.py --steps {args.steps}`. Ratios are ours / TRL "
         "(below 1 is faster or leaner for time and memory; above 1 is better for quality).\n\n"
         + harness.markdown_table(headers, rows)
-        + f"\nSettings given to both sides:\n{settings}\n\nEvery run:\n\n"
+        + f"\nSettings given to both sides (DPO: plain sigmoid DPO, ours with `--sft-coef 0`; reference log-probs "
+        f"precomputed on both sides; reward model: no centring term; warm-up 0 and a linear decay everywhere):\n{settings}\n\nEvery run:\n\n"
         + harness.markdown_table(
             ["algorithm", "side", "seed", "s/step", "peak MB", "quality"],
             [
