@@ -385,31 +385,34 @@ def main(args: Args) -> None:
             mask = mask * has_eos.unsqueeze(1)  # truncated completions still count in the group baseline, not in the loss
         num_tokens = mask.sum().clamp(min=1)
 
-        # 3. reference and old log-probs, once per rollout; with mu = 1 the old policy is the current one (rho = 1)
-        # With beta = 0 a completion whose advantage is 0 (its whole group scored the same) adds exactly nothing to the
-        # loss or its gradient, so it is left out of the forward/backward passes. The normalisers (the batch size and
-        # num_tokens given to grpo_loss) still count it, so the loss is unchanged; often most groups are constant.
-        updated_rows = torch.arange(args.batch_size, device=device) if args.beta != 0.0 else advantages.nonzero().squeeze(1)
-        micro_batches = [chunk for chunk in updated_rows.split(args.micro_batch_size) if len(chunk)]
-        ref_logprobs = old_logprobs = None
-        if reference is not None:
-            ref_logprobs = frozen_logprobs(reference, input_ids, attention_mask, prompt_length, args.temperature, args.micro_batch_size)
-        if args.num_iterations > 1:
-            old_logprobs = frozen_logprobs(model, input_ids, attention_mask, prompt_length, args.temperature, args.micro_batch_size)
+        # 3. The rows that enter the update. With beta = 0 a completion whose advantage is 0 (its whole group scored
+        # the same) adds exactly nothing to the loss or its gradient, so it is left out of every forward/backward
+        # pass. The normalisers (the batch size and num_tokens given to grpo_loss) still count it, so the loss is
+        # unchanged; often most groups are constant. Reference and old log-probs are computed once per rollout, on
+        # these rows; with mu = 1 the old policy is the current one (rho = 1) and needs no pass of its own.
+        update_rows = torch.arange(args.batch_size, device=device) if args.beta != 0.0 else advantages.nonzero().squeeze(1)
+        update_input_ids, update_attention_mask = input_ids[update_rows], attention_mask[update_rows]
+        update_mask, update_advantages = mask[update_rows], advantages[update_rows]
+        micro_batches = [slice(i, i + args.micro_batch_size) for i in range(0, len(update_rows), args.micro_batch_size)]
+        frozen = (update_input_ids, update_attention_mask, prompt_length, args.temperature, args.micro_batch_size)
+        ref_logprobs = frozen_logprobs(reference, *frozen) if reference is not None else None
+        old_logprobs = frozen_logprobs(model, *frozen) if args.num_iterations > 1 and micro_batches else None
 
         # 4. mu optimizer steps on this rollout, accumulating gradients over micro-batches
         sums: dict[str, float] = {"losses/policy_loss": 0.0}
         for _ in range(args.num_iterations):
             optimizer.zero_grad(set_to_none=False)  # zeros, not None: a step with no updated rows still applies Adam's momentum
             for mb in micro_batches:
-                logprobs, logits = completion_logprobs(model, input_ids[mb], attention_mask[mb], prompt_length, args.temperature)
+                logprobs, logits = completion_logprobs(
+                    model, update_input_ids[mb], update_attention_mask[mb], prompt_length, args.temperature
+                )
                 old = logprobs.detach() if old_logprobs is None else old_logprobs[mb]
                 ref = None if ref_logprobs is None else ref_logprobs[mb]
                 loss, metrics = grpo_loss(
                     logprobs,
                     old,
-                    advantages[mb],
-                    mask[mb],
+                    update_advantages[mb],
+                    update_mask[mb],
                     ref,
                     args.beta,
                     args.epsilon,
@@ -420,8 +423,8 @@ def main(args: Args) -> None:
                     num_tokens,
                 )
                 loss.backward()
-                with torch.no_grad():
-                    metrics["losses/entropy"] = common.masked_mean(common.entropy_from_logits(logits, args.temperature), mask[mb])
+                with torch.no_grad():  # entropy of the completions in the update
+                    metrics["losses/entropy"] = common.masked_mean(common.entropy_from_logits(logits, args.temperature), update_mask[mb])
                 metrics["losses/policy_loss"] = loss.detach()
                 for key, value in metrics.items():
                     sums[key] = sums.get(key, 0.0) + value.item() / len(micro_batches) / args.num_iterations
