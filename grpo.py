@@ -289,6 +289,8 @@ def load_reference_model(args: Args, dtype: torch.dtype, device: torch.device):
 
 def validate(args: Args) -> None:
     """Reject inconsistent flags before anything is loaded."""
+    if args.batch_size < 1 or args.micro_batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size} and --micro-batch-size {args.micro_batch_size} must be >= 1")
     if args.group_size < 2 or args.batch_size % args.group_size:
         raise ValueError(f"--group-size {args.group_size} must be >= 2 and divide --batch-size {args.batch_size}")
     if args.batch_size % args.micro_batch_size:

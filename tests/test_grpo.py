@@ -299,6 +299,7 @@ def test_jsonl_data_with_math_and_format_rewards(tiny_checkpoint, tmp_path, monk
     [
         ({"group_size": 3}, "--group-size 3 must be >= 2 and divide --batch-size 8"),
         ({"micro_batch_size": 3}, "--micro-batch-size 3 must divide"),
+        ({"micro_batch_size": 0}, "--micro-batch-size 0 must be >= 1"),
         ({"reward_funcs": ("nope",)}, "unknown"),
         ({"reward_weights": (1.0, 2.0)}, "--reward-weights"),
     ],
