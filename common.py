@@ -6,12 +6,14 @@ import random
 import re
 import shutil
 import string
+import sys
 import time
 import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 TINY_MODEL = "tiny"
@@ -102,6 +104,119 @@ def disable_dropout(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+
+
+# ----------------------------------------------------------------------------- several processes, memory savers
+# `torchrun --nproc_per_node N script.py ...` starts N copies of a script (one per GPU, or N CPU processes). Each
+# copy (rank) samples its own share of every batch; the losses are normalised by the whole batch's size, so the
+# sum of the ranks' gradients is the gradient of the whole batch. Run with plain `python` every helper below is a
+# no-op and the script is the single-process one.
+def setup_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
+    """(rank, world_size, device) of this process; joins the process group when started by torchrun.
+
+    torchrun sets RANK, WORLD_SIZE and LOCAL_RANK. The backend is NCCL between GPUs (rank r uses GPU
+    LOCAL_RANK) and gloo on CPU. Ranks other than 0 print nothing, so the console shows each line once.
+    """
+    device = choose_device(device)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")
+    return rank, world_size, device
+
+
+def world() -> tuple[int, int]:
+    """(rank, world_size): (0, 1) unless torch.distributed is initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of `tensor` over all ranks (a new tensor; the input itself in a single process)."""
+    if world()[1] == 1:
+        return tensor
+    total = tensor.clone()
+    dist.all_reduce(total)
+    return total
+
+
+def all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's `tensor` (same shape on each) concatenated along dim 0 in rank order: the whole batch."""
+    if world()[1] == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world()[1])]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def broadcast_parameters(model: torch.nn.Module) -> None:
+    """Copy rank 0's weights to every rank, so all ranks start from the same model (as DDP does at wrap time)."""
+    if world()[1] == 1:
+        return
+    for tensor in model.state_dict().values():
+        dist.broadcast(tensor, src=0)
+
+
+def all_reduce_gradients(model: torch.nn.Module) -> None:
+    """Sum every trainable parameter's gradient over ranks: data parallelism's one collective.
+
+    DistributedDataParallel does this during backward, bucket by bucket; here it is written out and runs
+    once per optimizer step, after gradient accumulation, so ranks may run different numbers of
+    micro-batches (grpo.py skips rows whose advantage is 0). A parameter without a gradient sends zeros.
+    """
+    if world()[1] == 1:
+        return
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+            dist.all_reduce(parameter.grad)
+
+
+def shard(items: list, rank: int, world_size: int) -> list:
+    """Rank `rank`'s contiguous share of a global batch (its length must divide by world_size)."""
+    size = len(items) // world_size
+    return items[rank * size : (rank + 1) * size]
+
+
+def apply_lora(model, r: int, alpha: float, target_modules: str = "all-linear", task_type: str = "CAUSAL_LM", modules_to_save=None):
+    """Freeze the model and add trainable LoRA adapters W + (alpha / r) B A (peft) to `target_modules`.
+
+    B starts at 0, so the wrapped model computes exactly what the base model does; with
+    `model.disable_adapter()` it is the base model again, which is the reference policy for free.
+    """
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as error:
+        raise ImportError("--lora-r needs the peft package: pip install peft") from error
+    targets = target_modules if target_modules == "all-linear" else [name.strip() for name in target_modules.split(",")]
+    transposed = any(type(module).__name__ == "Conv1D" for module in model.modules())  # GPT-2 stores W transposed
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=targets,
+        task_type=task_type,
+        lora_dropout=0.0,
+        fan_in_fan_out=transposed,
+        modules_to_save=modules_to_save,
+    )
+    return get_peft_model(model, config)
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Keep only each layer's input during the forward pass and recompute the rest in backward: less memory, ~1/3 more compute.
+
+    Active in train mode only; generation must run in eval mode, where the KV cache stays on.
+    """
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 # ----------------------------------------------------------------------------- the tiny model
@@ -408,9 +523,11 @@ def evaluate_accuracy(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    rank, world_size = world()
+    mine = problems[rank::world_size]  # under torchrun each rank generates every world_size-th problem
     completions = []
-    for start in range(0, len(problems), batch_size):
-        batch = problems[start : start + batch_size]
+    for start in range(0, len(mine), batch_size):
+        batch = mine[start : start + batch_size]
         prompt_ids = [tokenize_prompt(tokenizer, problem["prompt"], chat_template) for problem in batch]
         inputs = tokenizer.pad({"input_ids": prompt_ids}, return_tensors="pt", padding_side="left").to(device)
         output = model.generate(
@@ -424,15 +541,29 @@ def evaluate_accuracy(
         mask, _ = completion_mask(completion_ids, tokenizer.eos_token_id)
         completions += decode_completions(tokenizer, completion_ids, mask)
     model.train(was_training)
+    if world_size > 1:  # every rank gets all completions back, in the order of `problems`
+        per_rank = [None] * world_size
+        dist.all_gather_object(per_rank, completions)
+        completions = [per_rank[index % world_size][index // world_size] for index in range(len(problems))]
     fields = {key: [problem[key] for problem in problems] for key in problems[0] if key != "prompt"}
     rewards = reward_fn([problem["prompt"] for problem in problems], completions, **fields)
     return sum(rewards) / len(rewards), completions
 
 
 # ----------------------------------------------------------------------------- logging and saving
+class _NoWriter:
+    """The writer of ranks other than 0: metrics are reduced over ranks and logged once, by rank 0."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
 def setup_logging(args, run_name: str, log_dir: str = "runs"):
     """A TensorBoard SummaryWriter at runs/{run_name} with the hyper-parameters as a text table; W&B too when args.track."""
     from torch.utils.tensorboard import SummaryWriter
+
+    if world()[0] != 0:
+        return _NoWriter()
 
     if getattr(args, "track", False):
         import wandb
@@ -460,8 +591,15 @@ def save_checkpoint(model, tokenizer, output_dir: str) -> None:
     """Write model + tokenizer in Hugging Face format, atomically: the folder is complete or untouched.
 
     Everything is written to a temporary sibling folder first, which then replaces `output_dir`
-    by rename; an interrupted save leaves the previous checkpoint intact.
+    by rename; an interrupted save leaves the previous checkpoint intact. Under torchrun only rank 0
+    writes (the others wait for it). A LoRA model is saved with its adapters merged into the weights,
+    a plain model that `from_pretrained` loads; the merge changes `model`, so save at the end.
     """
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    if world()[0] != 0:
+        dist.barrier()
+        return
     target = Path(output_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
@@ -477,3 +615,5 @@ def save_checkpoint(model, tokenizer, output_dir: str) -> None:
         target.rename(previous)
     temporary.rename(target)
     shutil.rmtree(previous, ignore_errors=True)
+    if world()[1] > 1:
+        dist.barrier()

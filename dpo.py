@@ -1,4 +1,5 @@
 # Direct Preference Optimization (DPO): preference pairs, no reward model, no critic, no rollouts. README.md, section "DPO".
+import contextlib
 import copy
 import time
 from dataclasses import dataclass
@@ -70,11 +71,23 @@ class Args:
     keep_reference_model: bool = False
     """keep a frozen copy of the reference model in memory and run it every step, instead of precomputing its log-probs once"""
 
+    # memory (README.md, "Scaling up")
+    micro_batch_size: int | None = None
+    """pairs per forward/backward pass; gradients accumulate over the batch (default: the whole batch of this process)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass instead of storing them: less memory, more compute"""
+    lora_r: int = 0
+    """rank of LoRA adapters (needs peft); 0 trains every weight. With LoRA the reference is the model with adapters off"""
+    lora_alpha: float = 16.0
+    """LoRA scale alpha: the adapter adds (alpha / r) B A to each target weight"""
+    lora_target_modules: str = "all-linear"
+    """comma-separated module names that get adapters, or `all-linear`"""
+
     # optimisation
     total_steps: int = 3000
     """optimizer steps"""
     batch_size: int = 32
-    """preference pairs per step (the forward pass holds twice as many sequences)"""
+    """preference pairs per step, over all processes (the forward pass holds twice as many sequences)"""
     learning_rate: float = 3e-3
     """peak learning rate of AdamW"""
     warmup_steps: int = 20
@@ -199,9 +212,14 @@ def dpo_loss(
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 
-def chosen_nll(policy_chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
-    """L_SFT = -(sum_i log pi(y_w,i | x_i)) / (sum_i |y_w,i|): the NLL of the chosen completions per token (as in sft.py)."""
-    return -policy_chosen_logps.sum() / chosen_lengths.sum().clamp(min=1)
+def chosen_nll(policy_chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor, num_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """L_SFT = -(sum_i log pi(y_w,i | x_i)) / (sum_i |y_w,i|): the NLL of the chosen completions per token (as in sft.py).
+
+    With gradient accumulation or several processes pass the whole batch's chosen token count as `num_tokens`,
+    so the parts add up to the batch loss.
+    """
+    num_tokens = chosen_lengths.sum() if num_tokens is None else num_tokens
+    return -policy_chosen_logps.sum() / num_tokens.clamp(min=1)
 
 
 @torch.no_grad()
@@ -233,19 +251,31 @@ def validate(args: Args) -> None:
         raise ValueError(f"--sft-coef must be >= 0; got {args.sft_coef}")
     if args.rejected_from_model and args.dataset != "arithmetic":
         raise ValueError("--rejected-from-model needs --dataset arithmetic")
+    if args.batch_size < 1 or (args.micro_batch_size is not None and args.micro_batch_size < 1) or args.lora_r < 0:
+        raise ValueError(f"--batch-size {args.batch_size} and --micro-batch-size {args.micro_batch_size} must be >= 1, --lora-r >= 0")
 
 
 def main(args: Args) -> None:
     validate(args)
+    rank, world_size, device = common.setup_distributed(args.device)  # (0, 1, device) without torchrun
+    if args.batch_size % world_size:
+        raise ValueError(f"--batch-size {args.batch_size} must divide by the number of processes, {world_size}")
+    local_batch_size = args.batch_size // world_size
+    micro_batch_size = min(args.micro_batch_size or local_batch_size, local_batch_size)
     run_name = common.run_name_for(args)
     writer = common.setup_logging(args, run_name)
     common.seed_everything(args.seed)
-    device = common.choose_device(args.device)
     dtype = common.choose_dtype(args.dtype, device)
 
     tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
     model = common.load_model(args.model, AutoModelForCausalLM, args.trust_remote_code, dtype).to(device)
-    print(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters on {device} in {dtype}")
+    if args.lora_r:
+        model = common.apply_lora(model, args.lora_r, args.lora_alpha, args.lora_target_modules)
+    if args.gradient_checkpointing:
+        common.enable_gradient_checkpointing(model)
+    common.broadcast_parameters(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters ({trainable:,} trained) on {device} in {dtype}")
 
     pairs = load_pairs(args)
     if args.rejected_from_model:
@@ -258,23 +288,24 @@ def main(args: Args) -> None:
     tokenized = [ids[:3] for ids in tokenized]
     eval_rows = common.arithmetic_eval_set(args.eval_size, args.digits) if args.dataset == "arithmetic" else []
 
-    # the reference pi_ref is the starting policy, frozen. By default its log-probs are computed once here, so no
-    # second model stays in memory; --keep-reference-model runs a frozen copy every step instead (same numbers).
+    # the reference pi_ref is the starting policy, frozen. By default its log-probs are computed once here (by every
+    # process, for every pair), so no second model stays in memory; --keep-reference-model runs a frozen copy every
+    # step instead (same numbers). With LoRA that copy is the model itself with its adapters switched off.
     if args.keep_reference_model:
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        ref_model = None if args.lora_r else copy.deepcopy(model).eval().requires_grad_(False)
     else:
         start = time.time()
         all_ref_chosen, all_ref_rejected = reference_logprobs(model, tokenized, 4 * args.batch_size, tokenizer.pad_token_id, device)
         print(f"reference log-probs of {len(tokenized)} pairs computed in {time.time() - start:.1f}s")
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: min(
             (step + 1) / max(1, args.warmup_steps), max(0.0, (args.total_steps - step) / max(1, args.total_steps - args.warmup_steps))
         ),
     )
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)  # the same on every process: they agree on each batch
     order = []
 
     def evaluate(step: int) -> str:
@@ -290,41 +321,55 @@ def main(args: Args) -> None:
     start_time = time.time()
     model.train()
     for step in range(1, args.total_steps + 1):
-        # sample a batch of pairs; reshuffle after each pass over the data
+        # sample a batch of pairs; reshuffle after each pass over the data. Each process takes its share of it.
         while len(order) < args.batch_size:
             order += torch.randperm(len(tokenized), generator=generator).tolist()
-        indices, order = order[: args.batch_size], order[args.batch_size :]
-        batch = collate([tokenized[i] for i in indices], tokenizer.pad_token_id, device)
-        chosen_lengths, rejected_lengths = batch["completion_mask"].sum(-1).chunk(2)
+        indices, order = common.shard(order[: args.batch_size], rank, world_size), order[args.batch_size :]
+        chosen_token_counts = torch.tensor([len(tokenized[i][1]) for i in indices], device=device)
+        num_chosen_tokens = common.all_reduce_sum(chosen_token_counts.sum())  # the whole batch's, for L_SFT
 
-        policy_chosen_logps, policy_rejected_logps = concatenated_forward(model, batch)
-        if args.keep_reference_model:
-            with torch.no_grad():
-                ref_chosen_logps, ref_rejected_logps = concatenated_forward(ref_model, batch)
-        else:
-            ref_chosen_logps, ref_rejected_logps = all_ref_chosen[indices], all_ref_rejected[indices]
-        losses, chosen_rewards, rejected_rewards = dpo_loss(
-            policy_chosen_logps,
-            policy_rejected_logps,
-            ref_chosen_logps,
-            ref_rejected_logps,
-            args.beta,
-            args.loss_type,
-            args.label_smoothing,
-            chosen_lengths,
-            rejected_lengths,
-        )
-        # L = mean over pairs of L_DPO + sft_coef * L_SFT (the NLL term that keeps the chosen log-probs from falling)
-        preference_loss = losses.mean()
-        sft_loss = chosen_nll(policy_chosen_logps, chosen_lengths)
-        loss = preference_loss + args.sft_coef * sft_loss
-
+        # L = mean over pairs of L_DPO + sft_coef * L_SFT (the NLL term that keeps the chosen log-probs from falling),
+        # accumulated micro-batch by micro-batch: each part is normalised by the whole batch, so the parts add up to L
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        parts = {key: [] for key in ("policy_chosen", "policy_rejected", "chosen_rewards", "rejected_rewards")}
+        preference_loss, sft_loss = torch.zeros((), device=device), torch.zeros((), device=device)
+        for start in range(0, local_batch_size, micro_batch_size):
+            micro_indices = indices[start : start + micro_batch_size]
+            batch = collate([tokenized[i] for i in micro_indices], tokenizer.pad_token_id, device)
+            chosen_lengths, rejected_lengths = batch["completion_mask"].sum(-1).chunk(2)
+            policy_chosen_logps, policy_rejected_logps = concatenated_forward(model, batch)
+            if args.keep_reference_model:
+                with torch.no_grad(), model.disable_adapter() if args.lora_r else contextlib.nullcontext():
+                    ref_chosen_logps, ref_rejected_logps = concatenated_forward(model if ref_model is None else ref_model, batch)
+            else:
+                ref_chosen_logps, ref_rejected_logps = all_ref_chosen[micro_indices], all_ref_rejected[micro_indices]
+            losses, chosen_rewards, rejected_rewards = dpo_loss(
+                policy_chosen_logps,
+                policy_rejected_logps,
+                ref_chosen_logps,
+                ref_rejected_logps,
+                args.beta,
+                args.loss_type,
+                args.label_smoothing,
+                chosen_lengths,
+                rejected_lengths,
+            )
+            micro_preference_loss = losses.sum() / args.batch_size
+            micro_sft_loss = chosen_nll(policy_chosen_logps, chosen_lengths, num_chosen_tokens)
+            (micro_preference_loss + args.sft_coef * micro_sft_loss).backward()
+            preference_loss, sft_loss = preference_loss + micro_preference_loss.detach(), sft_loss + micro_sft_loss.detach()
+            for key, value in zip(parts, (policy_chosen_logps, policy_rejected_logps, chosen_rewards, rejected_rewards)):
+                parts[key].append(value.detach())
+        common.all_reduce_gradients(model)  # sum over processes: the gradient of the whole batch's loss
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         optimizer.step()
         scheduler.step()
 
+        # metrics of the whole batch (every process's pairs)
+        policy_chosen_logps, policy_rejected_logps, chosen_rewards, rejected_rewards = (
+            common.all_gather(torch.cat(values)) for values in parts.values()
+        )
+        preference_loss, sft_loss = common.all_reduce_sum(preference_loss), common.all_reduce_sum(sft_loss)
         reward_accuracy = (chosen_rewards > rejected_rewards).float().mean().item()
         writer.add_scalar("losses/dpo_loss", preference_loss.item(), step)
         writer.add_scalar("losses/sft_loss", sft_loss.item(), step)

@@ -1,5 +1,6 @@
 # Group Relative Policy Optimization (GRPO): a clipped policy gradient whose baseline is the mean reward of a group
 # of completions of the same prompt; no critic. README.md, section "GRPO".
+import contextlib
 import math
 import re
 import time
@@ -61,11 +62,11 @@ class Args:
     total_steps: int = 300
     """rollouts; each is followed by --num-iterations optimizer steps"""
     batch_size: int = 128
-    """completions per rollout: (number of prompts) x --group-size"""
+    """completions per rollout over all processes: (number of prompts) x --group-size"""
     group_size: int = 8
     """G, completions sampled per prompt; their mean reward is the baseline"""
     micro_batch_size: int = 128
-    """completions per forward/backward pass; gradients are accumulated over the batch (lower it when memory is short)"""
+    """completions per forward/backward pass (and per no-grad log-prob pass); gradients accumulate over the batch"""
     max_completion_length: int | None = None
     """tokens generated per completion; default digits + 2 on arithmetic, 256 otherwise"""
     temperature: float = 1.0
@@ -94,6 +95,16 @@ class Args:
     """evaluate held-out greedy accuracy every this many steps (and before the first and after the last)"""
     eval_size: int = 500
     """held-out examples to evaluate on"""
+
+    # memory (README.md, "Scaling up")
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass instead of storing them: less memory, more compute"""
+    lora_r: int = 0
+    """rank of LoRA adapters (needs peft); 0 trains every weight. With LoRA the reference is the model with adapters off"""
+    lora_alpha: float = 16.0
+    """LoRA scale alpha: the adapter adds (alpha / r) B A to each target weight"""
+    lora_target_modules: str = "all-linear"
+    """comma-separated module names that get adapters, or `all-linear`"""
 
 
 # ----------------------------------------------------------------------------- rewards
@@ -266,6 +277,69 @@ def frozen_logprobs(policy, input_ids, attention_mask, prompt_length: int, tempe
     return torch.cat([completion_logprobs(policy, input_ids[c], attention_mask[c], prompt_length, temperature)[0] for c in chunks])
 
 
+def policy_update(model, optimizer, scheduler, reference, rollout: dict, args: Args) -> dict[str, float]:
+    """Steps 3 and 4 of a GRPO iteration: mu = --num-iterations optimizer steps on one rollout; returns the metrics.
+
+    `rollout` holds this process's completions: input_ids, attention_mask (prompt + completion), mask (the
+    completion tokens in the loss), advantages (computed over the whole batch) and prompt_length. Under torchrun
+    every normaliser is the whole batch's, so the processes' gradients add up to the gradient of the batch loss.
+    """
+    num_tokens = common.all_reduce_sum(rollout["mask"].sum()).clamp(min=1)
+    # The rows that enter the update. With beta = 0 a completion whose advantage is 0 (its whole group scored the
+    # same) adds exactly nothing to the loss or its gradient, so it is left out of every forward/backward pass. The
+    # normalisers (the batch size and num_tokens given to grpo_loss) still count it, so the loss is unchanged; often
+    # most groups are constant. Reference and old log-probs are computed once per rollout, on these rows; with mu = 1
+    # the old policy is the current one (rho = 1) and needs no pass of its own.
+    advantages = rollout["advantages"]
+    update_rows = torch.arange(advantages.size(0), device=advantages.device) if args.beta != 0.0 else advantages.nonzero().squeeze(1)
+    input_ids, attention_mask = rollout["input_ids"][update_rows], rollout["attention_mask"][update_rows]
+    mask, advantages = rollout["mask"][update_rows], advantages[update_rows]
+    micro_batches = [slice(i, i + args.micro_batch_size) for i in range(0, len(update_rows), args.micro_batch_size)]
+    frozen = (input_ids, attention_mask, rollout["prompt_length"], args.temperature, args.micro_batch_size)
+    ref_logprobs = None
+    if args.beta != 0.0:  # pi_ref: the frozen copy, or with LoRA the same model with its adapters switched off
+        with model.disable_adapter() if args.lora_r else contextlib.nullcontext():
+            ref_logprobs = frozen_logprobs(model if reference is None else reference, *frozen)
+    old_logprobs = frozen_logprobs(model, *frozen) if args.num_iterations > 1 and micro_batches else None
+
+    # metrics: the batch loss (the micro-batch losses add up to it), and the others averaged over all micro-batches
+    names = ["losses/entropy", "clip/low", "clip/high"] + (["losses/kl"] if args.beta != 0.0 else [])
+    totals = torch.zeros(len(names) + 2, device=advantages.device)  # policy loss, sums of `names`, micro-batch count
+    model.train()
+    for _ in range(args.num_iterations):
+        optimizer.zero_grad(set_to_none=False)  # zeros, not None: a step with no updated rows still applies Adam's momentum
+        for mb in micro_batches:
+            logprobs, logits = completion_logprobs(model, input_ids[mb], attention_mask[mb], rollout["prompt_length"], args.temperature)
+            old = logprobs.detach() if old_logprobs is None else old_logprobs[mb]
+            ref = None if ref_logprobs is None else ref_logprobs[mb]
+            loss, metrics = grpo_loss(
+                logprobs,
+                old,
+                advantages[mb],
+                mask[mb],
+                ref,
+                args.beta,
+                args.epsilon,
+                args.epsilon_high,
+                args.loss_type,
+                args.max_completion_length,
+                args.batch_size,
+                num_tokens,
+            )
+            loss.backward()
+            with torch.no_grad():  # entropy of the completions in the update
+                metrics["losses/entropy"] = common.masked_mean(common.entropy_from_logits(logits, args.temperature), mask[mb])
+            totals += torch.stack([loss.detach(), *(metrics[name].float() for name in names), torch.ones_like(totals[0])])
+        common.all_reduce_gradients(model)  # sum over processes: the gradient of the whole batch's loss
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+    totals = common.all_reduce_sum(totals)
+    averages = (totals[1:-1] / totals[-1].clamp(min=1)).tolist()
+    policy_loss = totals[0].item() / args.num_iterations
+    return {"losses/policy_loss": policy_loss, **dict(zip(names, averages)), "losses/grad_norm": grad_norm.item()}
+
+
 # ----------------------------------------------------------------------------- training
 def load_rows(args: Args) -> tuple[list[dict], list[dict]]:
     """(train rows, held-out rows) of {"prompt", "answer"}."""
@@ -297,6 +371,8 @@ def validate(args: Args) -> None:
         raise ValueError(f"--micro-batch-size {args.micro_batch_size} must divide --batch-size {args.batch_size}")
     if args.temperature <= 0 or args.num_iterations < 1 or args.total_steps < 1:
         raise ValueError("--temperature must be > 0, --num-iterations and --total-steps >= 1")
+    if args.lora_r < 0:
+        raise ValueError(f"--lora-r must be >= 0 (0: no LoRA); got {args.lora_r}")
     unknown = [name for name in args.reward_funcs if name not in REWARD_FUNCTIONS]
     if unknown:
         raise ValueError(f"--reward-funcs: unknown {unknown}; choose from {list(REWARD_FUNCTIONS)}")
@@ -311,16 +387,26 @@ def main(args: Args) -> None:
     args.epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
     args.max_completion_length = args.max_completion_length or (args.digits + 2 if args.dataset == "arithmetic" else 256)
     validate(args)
+    rank, world_size, device = common.setup_distributed(args.device)  # (0, 1, device) without torchrun
+    num_prompts = args.batch_size // args.group_size  # per rollout, over all processes
+    if num_prompts % world_size:
+        raise ValueError(f"--batch-size / --group-size = {num_prompts} prompts must divide by the number of processes, {world_size}")
     run_name = common.run_name_for(args)
     writer = common.setup_logging(args, run_name)
     common.seed_everything(args.seed)
-    device = common.choose_device(args.device)
     dtype = common.choose_dtype(args.dtype, device)
 
     tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
     model = common.load_model(args.model, AutoModelForCausalLM, args.trust_remote_code, dtype).to(device)
-    reference = load_reference_model(args, dtype, device) if args.beta != 0.0 else None
-    print(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters on {device} in {dtype}")
+    reference = load_reference_model(args, dtype, device) if args.beta != 0.0 and not args.lora_r else None
+    if args.lora_r:
+        model = common.apply_lora(model, args.lora_r, args.lora_alpha, args.lora_target_modules)
+    if args.gradient_checkpointing:
+        common.enable_gradient_checkpointing(model)
+    common.broadcast_parameters(model)
+    common.seed_everything(args.seed + rank)  # each process samples different completions
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters ({trainable:,} trained) on {device} in {dtype}")
     reward_names, reward_functions = list(args.reward_funcs), [REWARD_FUNCTIONS[name] for name in args.reward_funcs]
     if args.reward_model is not None:
         reward_model = common.load_model(args.reward_model, AutoModelForSequenceClassification, args.trust_remote_code, dtype)
@@ -332,13 +418,12 @@ def main(args: Args) -> None:
     eval_reward = common.arithmetic_reward if args.dataset == "arithmetic" else math_answer_reward
 
     train_rows, eval_rows = load_rows(args)
-    num_prompts = args.batch_size // args.group_size
     total_updates = args.total_steps * args.num_iterations
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda update: min((update + 1) / max(1, args.warmup_steps), 1.0 - update / total_updates)
     )
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)  # the same on every process: they agree on each batch's prompts
     order: list[int] = []
 
     def evaluate(step: int) -> None:
@@ -354,14 +439,16 @@ def main(args: Args) -> None:
     evaluate(0)
     start_time = time.time()
     for step in range(1, args.total_steps + 1):
-        # 1. rollout: G completions of each prompt from the current (= old) policy, left-padded prompts
+        # 1. rollout: G completions of each prompt from the current (= old) policy, left-padded prompts. Each process
+        # takes its share of the batch's prompts (all G completions of a prompt stay in one process).
         if len(order) < num_prompts:
             order += torch.randperm(len(train_rows), generator=generator).tolist()
-        rows, order = [train_rows[i] for i in order[:num_prompts]], order[num_prompts:]
+        rows, order = [train_rows[i] for i in common.shard(order[:num_prompts], rank, world_size)], order[num_prompts:]
         rows = [row for row in rows for _ in range(args.group_size)]  # the G copies of a prompt are consecutive
         prompt_ids = [common.tokenize_prompt(tokenizer, row["prompt"], args.chat_template) for row in rows]
         prompts = tokenizer.pad({"input_ids": prompt_ids}, return_tensors="pt", padding_side="left").to(device)
         prompt_length = prompts["input_ids"].size(1)
+        model.eval()  # generation keeps its KV cache (gradient checkpointing turns it off in train mode)
         input_ids = model.generate(
             **prompts,
             do_sample=True,
@@ -377,76 +464,33 @@ def main(args: Args) -> None:
         attention_mask = torch.cat([prompts["attention_mask"], mask], dim=1)
         completions = common.decode_completions(tokenizer, completion_ids, mask)
 
-        # 2. rewards r_i = sum_k w_k r_k(q, o_i), then group-relative advantages
+        # 2. rewards r_i = sum_k w_k r_k(q, o_i), then group-relative advantages (over the whole batch, every process's
+        # rewards, so that --scale-rewards batch uses the batch std; each process keeps the advantages of its rows)
         fields = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
         prompt_texts = [row["prompt"] for row in rows]
-        rewards_per_function = torch.tensor([fn(prompt_texts, completions, **fields) for fn in reward_functions], device=device).T
+        local_rewards = torch.tensor([fn(prompt_texts, completions, **fields) for fn in reward_functions], device=device).T
+        rewards_per_function = common.all_gather(local_rewards)
         rewards = rewards_per_function @ reward_weights
-        advantages = group_advantages(rewards, args.group_size, args.scale_rewards)
+        advantages = common.shard(group_advantages(rewards, args.group_size, args.scale_rewards), rank, world_size)
         if args.mask_truncated_completions:
             mask = mask * has_eos.unsqueeze(1)  # truncated completions still count in the group baseline, not in the loss
-        num_tokens = mask.sum().clamp(min=1)
 
-        # 3. The rows that enter the update. With beta = 0 a completion whose advantage is 0 (its whole group scored
-        # the same) adds exactly nothing to the loss or its gradient, so it is left out of every forward/backward
-        # pass. The normalisers (the batch size and num_tokens given to grpo_loss) still count it, so the loss is
-        # unchanged; often most groups are constant. Reference and old log-probs are computed once per rollout, on
-        # these rows; with mu = 1 the old policy is the current one (rho = 1) and needs no pass of its own.
-        update_rows = torch.arange(args.batch_size, device=device) if args.beta != 0.0 else advantages.nonzero().squeeze(1)
-        update_input_ids, update_attention_mask = input_ids[update_rows], attention_mask[update_rows]
-        update_mask, update_advantages = mask[update_rows], advantages[update_rows]
-        micro_batches = [slice(i, i + args.micro_batch_size) for i in range(0, len(update_rows), args.micro_batch_size)]
-        frozen = (update_input_ids, update_attention_mask, prompt_length, args.temperature, args.micro_batch_size)
-        ref_logprobs = frozen_logprobs(reference, *frozen) if reference is not None else None
-        old_logprobs = frozen_logprobs(model, *frozen) if args.num_iterations > 1 and micro_batches else None
+        # 3-4. mu optimizer steps on this rollout
+        rollout = {"input_ids": input_ids, "attention_mask": attention_mask, "mask": mask, "advantages": advantages}
+        sums = policy_update(model, optimizer, scheduler, reference, {**rollout, "prompt_length": prompt_length}, args)
 
-        # 4. mu optimizer steps on this rollout, accumulating gradients over micro-batches
-        sums: dict[str, float] = {"losses/policy_loss": 0.0}
-        for _ in range(args.num_iterations):
-            optimizer.zero_grad(set_to_none=False)  # zeros, not None: a step with no updated rows still applies Adam's momentum
-            for mb in micro_batches:
-                logprobs, logits = completion_logprobs(
-                    model, update_input_ids[mb], update_attention_mask[mb], prompt_length, args.temperature
-                )
-                old = logprobs.detach() if old_logprobs is None else old_logprobs[mb]
-                ref = None if ref_logprobs is None else ref_logprobs[mb]
-                loss, metrics = grpo_loss(
-                    logprobs,
-                    old,
-                    update_advantages[mb],
-                    update_mask[mb],
-                    ref,
-                    args.beta,
-                    args.epsilon,
-                    args.epsilon_high,
-                    args.loss_type,
-                    args.max_completion_length,
-                    args.batch_size,
-                    num_tokens,
-                )
-                loss.backward()
-                with torch.no_grad():  # entropy of the completions in the update
-                    metrics["losses/entropy"] = common.masked_mean(common.entropy_from_logits(logits, args.temperature), update_mask[mb])
-                metrics["losses/policy_loss"] = loss.detach()
-                for key, value in metrics.items():
-                    sums[key] = sums.get(key, 0.0) + value.item() / len(micro_batches) / args.num_iterations
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-        sums["losses/policy_loss"] *= max(1, len(micro_batches))  # the micro-batch losses add up to the batch loss
-
-        # 5. logging (DESIGN.md section 6)
+        # 5. logging (DESIGN.md section 6), over the whole batch
         group_std = rewards.view(-1, args.group_size).std(dim=1)
+        lengths, has_eos = common.all_gather(mask.sum(1).float()), common.all_gather(has_eos.float())
         scalars = {
             **sums,
             "charts/reward": rewards.mean().item(),
             "charts/reward_std": group_std.mean().item(),
             "charts/frac_reward_zero_std": (group_std == 0).float().mean().item(),
-            "charts/completion_length": mask.sum(1).float().mean().item(),
-            "charts/truncated_fraction": 1.0 - has_eos.float().mean().item(),
+            "charts/completion_length": lengths.mean().item(),
+            "charts/truncated_fraction": 1.0 - has_eos.mean().item(),
             "charts/learning_rate": scheduler.get_last_lr()[0],
             "charts/SPS": step / (time.time() - start_time),
-            "losses/grad_norm": grad_norm.item(),
         }
         for name, column in zip(reward_names, rewards_per_function.T):
             scalars[f"rewards/{name}/mean"], scalars[f"rewards/{name}/std"] = column.mean().item(), column.std().item()

@@ -63,7 +63,11 @@ class Args:
     total_steps: int = 2500
     """optimizer steps"""
     batch_size: int = 64
-    """preference pairs per step (2 x batch_size sequences in one forward pass)"""
+    """preference pairs per step over all processes (2 x batch_size sequences in one forward pass)"""
+    micro_batch_size: int | None = None
+    """pairs per forward/backward pass; gradients accumulate over the batch (default: the whole batch of this process)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass instead of storing them: less memory, more compute"""
     learning_rate: float = 3e-4
     """peak learning rate of AdamW"""
     warmup_steps: int = 100
@@ -199,13 +203,17 @@ def shift_reward(model, shift: float) -> None:
 
 
 def main(args: Args) -> None:
-    if min(args.total_steps, args.batch_size, args.eval_every, args.max_length) < 1:
-        raise ValueError("--total-steps, --batch-size, --eval-every and --max-length must be at least 1")
+    if min(args.total_steps, args.batch_size, args.eval_every, args.max_length, args.micro_batch_size or 1) < 1:
+        raise ValueError("--total-steps, --batch-size, --micro-batch-size, --eval-every and --max-length must be at least 1")
+    rank, world_size, device = common.setup_distributed(args.device)  # (0, 1, device) without torchrun
+    if args.batch_size % world_size:
+        raise ValueError(f"--batch-size {args.batch_size} must divide by the number of processes, {world_size}")
+    local_batch_size = args.batch_size // world_size
+    micro_batch_size = min(args.micro_batch_size or local_batch_size, local_batch_size)
     train_rows, eval_rows = load_pairs(args)
     run_name = common.run_name_for(args)
     writer = common.setup_logging(args, run_name)
     common.seed_everything(args.seed)
-    device = common.choose_device(args.device)
     dtype = common.choose_dtype(args.dtype, device)
 
     # model: the backbone with a scalar head reading the last real token (num_labels=1)
@@ -218,6 +226,9 @@ def main(args: Args) -> None:
         raise ValueError(f"--shift-bias-to-zero-mean: {args.model} has neither a score bias nor a final LayerNorm bias to shift")
     args.max_length = min(args.max_length, getattr(model.config, "max_position_embeddings", args.max_length))
     model.to(device)
+    if args.gradient_checkpointing:
+        common.enable_gradient_checkpointing(model)
+    common.broadcast_parameters(model)  # the new score head is random: every process starts from rank 0's
     print(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters on {device} in {dtype}")
 
     train_pairs = [tokenize_pair(tokenizer, row, args.max_length, args.chat_template) for row in train_rows]
@@ -236,30 +247,41 @@ def main(args: Args) -> None:
             (step + 1) / max(1, args.warmup_steps), max(0.0, (args.total_steps - step) / max(1, args.total_steps - args.warmup_steps))
         ),
     )
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)  # the same on every process: they agree on each batch
     order = torch.randperm(len(train_pairs), generator=generator).tolist()
 
     start_time = time.time()
     model.train()
     for step in range(1, args.total_steps + 1):
-        # sample a batch of pairs; reshuffle after each pass over the data
-        if len(order) < args.batch_size:
+        # sample a batch of pairs; reshuffle after each pass over the data. Each process takes its share of it.
+        while len(order) < args.batch_size:
             order += torch.randperm(len(train_pairs), generator=generator).tolist()
-        batch_indices, order = order[: args.batch_size], order[args.batch_size :]
-        batch = collate_pairs([train_pairs[i] for i in batch_indices], tokenizer.pad_token_id, device)
+        global_indices, order = order[: args.batch_size], order[args.batch_size :]
+        batch_indices = common.shard(global_indices, rank, world_size)
 
-        # chosen and rejected go through the model in one forward pass
-        chosen_rewards, rejected_rewards = score_pairs(model, batch)
-        preference_loss = bradley_terry_loss(chosen_rewards, rejected_rewards, margins[batch_indices])
-        center_loss = center_rewards_loss(chosen_rewards, rejected_rewards)
-        loss = preference_loss + args.center_rewards_coefficient * center_loss
+        # gradient accumulation: each micro-batch adds its share (its size / the batch size) of the batch-mean losses
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        all_chosen, all_rejected = [], []
+        for start in range(0, local_batch_size, micro_batch_size):
+            micro_indices = batch_indices[start : start + micro_batch_size]
+            batch = collate_pairs([train_pairs[i] for i in micro_indices], tokenizer.pad_token_id, device)
+            chosen_rewards, rejected_rewards = score_pairs(model, batch)  # chosen and rejected in one forward pass
+            preference_loss = bradley_terry_loss(chosen_rewards, rejected_rewards, margins[micro_indices])
+            center_loss = center_rewards_loss(chosen_rewards, rejected_rewards)
+            ((preference_loss + args.center_rewards_coefficient * center_loss) * len(micro_indices) / args.batch_size).backward()
+            all_chosen.append(chosen_rewards.detach())
+            all_rejected.append(rejected_rewards.detach())
+        common.all_reduce_gradients(model)  # sum over processes: the gradient of the whole batch's loss
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         optimizer.step()
         scheduler.step()
 
-        metrics = preference_metrics(chosen_rewards.detach(), rejected_rewards.detach())
+        # metrics of the whole batch (every process's pairs)
+        chosen_rewards, rejected_rewards = common.all_gather(torch.cat(all_chosen)), common.all_gather(torch.cat(all_rejected))
+        preference_loss = bradley_terry_loss(chosen_rewards, rejected_rewards, margins[global_indices])
+        center_loss = center_rewards_loss(chosen_rewards, rejected_rewards)
+        loss = preference_loss + args.center_rewards_coefficient * center_loss
+        metrics = preference_metrics(chosen_rewards, rejected_rewards)
         writer.add_scalar("losses/loss", loss.item(), step)
         writer.add_scalar("losses/bradley_terry_loss", preference_loss.item(), step)
         writer.add_scalar("losses/center_rewards_loss", center_loss.item(), step)

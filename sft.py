@@ -55,11 +55,23 @@ class Args:
     max_length: int = 512
     """prompt + completion tokens kept per example; longer ones are cut at the end (and counted)"""
 
+    # memory (README.md, "Scaling up")
+    micro_batch_size: int | None = None
+    """examples per forward/backward pass; gradients accumulate over the batch (default: the whole batch of this process)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass instead of storing them: less memory, more compute"""
+    lora_r: int = 0
+    """rank of LoRA adapters (needs peft); 0 trains every weight"""
+    lora_alpha: float = 16.0
+    """LoRA scale alpha: the adapter adds (alpha / r) B A to each target weight"""
+    lora_target_modules: str = "all-linear"
+    """comma-separated module names that get adapters, or `all-linear`"""
+
     # optimisation
     total_steps: int = 1000
     """optimizer steps"""
     batch_size: int = 64
-    """examples per step"""
+    """examples per step, over all processes"""
     learning_rate: float = 3e-3
     """peak learning rate of AdamW"""
     warmup_steps: int = 50
@@ -112,11 +124,12 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_token_id: int, devi
     return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), "labels": labels.to(device)}
 
 
-def sft_loss(model, batch: dict) -> torch.Tensor:
+def sft_loss(model, batch: dict, num_tokens: torch.Tensor | None = None) -> torch.Tensor:
     """L = -(1/|C|) sum_{t in C} log pi(y_t | y_<t): mean negative log-likelihood over completion tokens C only.
 
     Logits at position t predict token t+1, so log-probs are taken of the inputs shifted by one;
-    prompt and padding positions carry the label -100 and are masked out.
+    prompt and padding positions carry the label -100 and are masked out. With gradient accumulation or
+    several processes pass |C| of the whole batch as `num_tokens`, so the parts add up to the batch loss.
     """
     attention_mask = batch["attention_mask"]
     logits = model(
@@ -125,14 +138,23 @@ def sft_loss(model, batch: dict) -> torch.Tensor:
     targets = batch["labels"][:, 1:]
     loss_mask = targets != -100
     logprobs = common.token_logprobs(logits[:, :-1], targets.clamp(min=0))
-    return -common.masked_mean(logprobs, loss_mask)
+    if num_tokens is None:
+        return -common.masked_mean(logprobs, loss_mask)
+    return -(logprobs * loss_mask).sum() / num_tokens.clamp(min=1)
 
 
 def main(args: Args) -> None:
+    rank, world_size, device = common.setup_distributed(args.device)  # (0, 1, device) without torchrun
+    if args.batch_size < 1 or args.batch_size % world_size or (args.micro_batch_size or 1) < 1 or args.lora_r < 0:
+        raise ValueError(
+            f"--batch-size {args.batch_size} must be >= 1 and divide by the number of processes ({world_size}), "
+            f"--micro-batch-size {args.micro_batch_size} >= 1, --lora-r {args.lora_r} >= 0"
+        )
+    local_batch_size = args.batch_size // world_size
+    micro_batch_size = min(args.micro_batch_size or local_batch_size, local_batch_size)
     run_name = common.run_name_for(args)
     writer = common.setup_logging(args, run_name)
     common.seed_everything(args.seed)
-    device = common.choose_device(args.device)
     dtype = common.choose_dtype(args.dtype, device)
 
     # model and tokenizer: built from scratch for `tiny`, loaded otherwise
@@ -144,7 +166,13 @@ def main(args: Args) -> None:
         tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
         model = common.load_model(args.model, AutoModelForCausalLM, args.trust_remote_code, dtype)
     model.to(device)
-    print(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters on {device} in {dtype}")
+    if args.lora_r:
+        model = common.apply_lora(model, args.lora_r, args.lora_alpha, args.lora_target_modules)
+    if args.gradient_checkpointing:
+        common.enable_gradient_checkpointing(model)
+    common.broadcast_parameters(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters ({trainable:,} trained) on {device} in {dtype}")
 
     train_rows, eval_rows = load_rows(args)
     tokenized = [tokenize_example(tokenizer, row, args.max_length, args.chat_template) for row in train_rows]
@@ -155,28 +183,39 @@ def main(args: Args) -> None:
     writer.add_scalar("charts/truncated_examples", num_truncated, 0)
     max_new_tokens = args.max_new_tokens or (args.digits + 2 if args.dataset == "arithmetic" else 64)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: min(
             (step + 1) / max(1, args.warmup_steps), max(0.0, (args.total_steps - step) / max(1, args.total_steps - args.warmup_steps))
         ),
     )
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)  # the same on every process: they agree on each batch
     order = torch.randperm(len(tokenized), generator=generator).tolist()
 
     start_time = time.time()
     model.train()
     for step in range(1, args.total_steps + 1):
-        # sample a batch; reshuffle after each pass over the data
-        if len(order) < args.batch_size:
+        # sample a batch; reshuffle after each pass over the data. Each process takes its share of it.
+        while len(order) < args.batch_size:
             order += torch.randperm(len(tokenized), generator=generator).tolist()
-        batch_indices, order = order[: args.batch_size], order[args.batch_size :]
-        batch = collate([tokenized[i][:2] for i in batch_indices], tokenizer.pad_token_id, device)
+        batch_indices, order = common.shard(order[: args.batch_size], rank, world_size), order[args.batch_size :]
+        # |C| of the whole batch, every process's share: the completion tokens that are predicted (labels after the shift)
+        num_tokens = sum(sum(label != -100 for label in tokenized[i][1][1:]) for i in batch_indices)
+        num_tokens = common.all_reduce_sum(torch.tensor(num_tokens, device=device))
 
-        loss = sft_loss(model, batch)
+        # gradient accumulation: each micro-batch's loss is normalised by the whole batch's |C|, so they add up to L
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = torch.zeros((), device=device)
+        for start in range(0, local_batch_size, micro_batch_size):
+            micro_batch = collate(
+                [tokenized[i][:2] for i in batch_indices[start : start + micro_batch_size]], tokenizer.pad_token_id, device
+            )
+            micro_loss = sft_loss(model, micro_batch, num_tokens)
+            micro_loss.backward()
+            loss += micro_loss.detach()
+        loss = common.all_reduce_sum(loss)
+        common.all_reduce_gradients(model)  # sum over processes: the gradient of the whole batch's loss
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         optimizer.step()
         scheduler.step()

@@ -1,3 +1,4 @@
+import copy
 import json
 import random
 
@@ -316,3 +317,51 @@ def test_reward_model_scores_read_the_last_real_token(tiny_checkpoint):
             scores = common.reward_model_scores(model, batch["input_ids"], batch["attention_mask"])
             alone = [model(**tokenizer(text, return_tensors="pt")).logits.item() for text in texts]
             torch.testing.assert_close(scores, torch.tensor(alone), rtol=1e-4, atol=1e-4)
+
+
+def test_lora_starts_as_the_base_model_and_disabling_it_gives_the_base_back(tmp_path):
+    torch.manual_seed(0)
+    tokenizer = common.build_tiny_tokenizer()
+    base = common.build_tiny_gpt2(tokenizer, n_layer=2, n_embd=32, n_head=2)
+    ids = torch.tensor([tokenizer("12+34=46")["input_ids"]])
+    expected = base(ids).logits.detach()
+    model = common.apply_lora(copy.deepcopy(base), r=4, alpha=8)
+    torch.testing.assert_close(model(ids).logits, expected)
+    assert {name for name, p in model.named_parameters() if p.requires_grad} and all(
+        "lora_" in name for name, p in model.named_parameters() if p.requires_grad
+    )
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_()
+    adapted = model(ids).logits.detach()
+    assert not torch.allclose(adapted, expected)
+    with model.disable_adapter():
+        torch.testing.assert_close(model(ids).logits, expected)
+    common.save_checkpoint(model, tokenizer, str(tmp_path / "merged"))
+    merged = common.load_model(str(tmp_path / "merged"))
+    torch.testing.assert_close(merged(ids).logits, adapted, atol=1e-4, rtol=1e-4)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    tokenizer = common.build_tiny_tokenizer()
+    model = common.build_tiny_gpt2(tokenizer, n_layer=2, n_embd=32, n_head=2).train()
+    ids = torch.tensor([tokenizer("12+34=46")["input_ids"]] * 2)
+    gradients = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            common.enable_gradient_checkpointing(model)
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        gradients.append([p.grad.clone() for p in model.parameters()])
+    assert model.is_activation_checkpointing
+    for plain, recomputed in zip(*gradients):
+        torch.testing.assert_close(recomputed, plain)
+
+
+def test_without_torchrun_the_distributed_helpers_are_the_identity():
+    assert common.setup_distributed("cpu") == (0, 1, torch.device("cpu")) and common.world() == (0, 1)
+    values = torch.arange(6.0)
+    assert common.all_reduce_sum(values) is values and common.all_gather(values) is values
+    assert common.shard(list(range(6)), 1, 3) == [2, 3]

@@ -294,6 +294,18 @@ def test_keeping_the_reference_model_trains_the_same_as_precomputing_it(tiny_che
         torch.testing.assert_close(live_state[name], tensor, atol=1e-5, rtol=1e-4)
 
 
+def test_micro_batches_lora_and_checkpointing(tiny_checkpoint, tmp_path, monkeypatch):
+    """Gradient accumulation over micro-batches trains exactly like whole batches; LoRA with a live reference runs."""
+    monkeypatch.chdir(tmp_path)
+    whole = AutoModelForCausalLM.from_pretrained(run_dpo(tmp_path, tiny_checkpoint, name="whole")).state_dict()
+    micro = run_dpo(tmp_path, tiny_checkpoint, name="micro", micro_batch_size=1, gradient_checkpointing=True)
+    for name, tensor in AutoModelForCausalLM.from_pretrained(micro).state_dict().items():
+        torch.testing.assert_close(tensor, whole[name], atol=1e-5, rtol=1e-4)
+    lora = run_dpo(tmp_path, tiny_checkpoint, name="lora", lora_r=4, keep_reference_model=True, dtype="bfloat16")
+    lora_state = AutoModelForCausalLM.from_pretrained(lora, dtype="auto").state_dict()
+    assert lora_state.keys() == whole.keys() and lora_state["transformer.wte.weight"].dtype == torch.bfloat16
+
+
 def test_dpo_on_jsonl(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = tmp_path / "pairs.jsonl"

@@ -285,6 +285,26 @@ def test_cli_with_beta_0_builds_no_reference_model(tiny_checkpoint, tmp_path, mo
     assert (tmp_path / "out" / "config.json").is_file() and (tmp_path / "runs").is_dir()
 
 
+def test_lora_with_kl_uses_the_model_with_adapters_off_as_reference_and_saves_a_merged_model(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(grpo, "load_reference_model", lambda *unused: pytest.fail("LoRA needs no second copy of the model"))
+    build_reward_model(tmp_path / "rm", common.load_tokenizer(tiny_checkpoint))  # graded rewards: nonzero advantages
+    lora = dict(lora_r=4, learning_rate=1e-2, gradient_checkpointing=True, reward_model=str(tmp_path / "rm"))
+    grpo.main(small_args(tiny_checkpoint, tmp_path, beta=0.1, **lora))
+    before = AutoModelForCausalLM.from_pretrained(tiny_checkpoint).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    assert after.keys() == before.keys(), "the adapters are merged: a plain checkpoint"
+    assert not torch.equal(after["transformer.h.0.attn.c_attn.weight"], before["transformer.h.0.attn.c_attn.weight"])
+    assert torch.equal(after["transformer.wte.weight"], before["transformer.wte.weight"]), "only adapted weights change"
+
+
+def test_bfloat16_weights_train_on_cpu(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    grpo.main(small_args(tiny_checkpoint, tmp_path, dtype="bfloat16", beta=0.1))
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto")
+    assert after.dtype == torch.bfloat16 and all(torch.isfinite(p).all() for p in after.parameters())
+
+
 def test_jsonl_data_with_math_and_format_rewards(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = tmp_path / "data.jsonl"
