@@ -1,5 +1,6 @@
 # Tiny helpers shared by sft.py, reward_model.py, ppo.py, grpo.py and dpo.py (DESIGN.md section 3).
 # Loops, losses and advantages live in the scripts; this file holds only what two or more of them need.
+import functools
 import json
 import os
 import random
@@ -39,16 +40,45 @@ def choose_device(device: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def choose_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """`auto` is bfloat16 on a GPU that supports it and float32 elsewhere (CPU training is fp32)."""
+def choose_precision(dtype: str, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
+    """(weights dtype, autocast dtype or None) for the --dtype flag.
+
+    - `mixed`: weights, gradients and AdamW state in fp32; the transformer body runs under bf16 autocast
+      (its matmuls in bf16). The LM and reward heads, log-probs and losses stay fp32.
+    - `auto`: `mixed` on a CUDA GPU that supports bf16, `float32` elsewhere (CPU training is fp32).
+    - `float32`, `bfloat16`, `float16`: every weight in that dtype, no autocast. Pure bf16 suits frozen weights and
+      LoRA (peft keeps the adapters in fp32). For full fine-tuning it loses AdamW steps smaller than bf16's
+      resolution (about 0.4% of a weight): at a learning rate of 1e-6 most weights would never move.
+    """
     if dtype == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
+        dtype = "mixed" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if dtype == "mixed":
+        return torch.float32, torch.bfloat16
     choices = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in choices:
-        raise ValueError(f"--dtype must be one of auto, {', '.join(choices)}; got {dtype!r}")
-    return choices[dtype]
+        raise ValueError(f"--dtype must be one of auto, mixed, {', '.join(choices)}; got {dtype!r}")
+    return choices[dtype], None
+
+
+def enable_autocast(model, autocast_dtype: torch.dtype | None):
+    """Run the model's transformer body (`model.base_model`) under torch.autocast(autocast_dtype); None: no change.
+
+    The body is where the compute is; the heads on top of it (LM head, score head) run in the weights' fp32, so
+    logits and rewards come out fp32. Mixed precision without a wrapper class: the forward method of that one
+    module is replaced, so generate, save_pretrained and peft see the same model as before.
+    """
+    if autocast_dtype is None:
+        return model
+    body = model.base_model
+    forward = body.forward
+
+    @functools.wraps(forward)
+    def autocast_forward(*args, **kwargs):
+        with torch.autocast(next(body.parameters()).device.type, dtype=autocast_dtype):
+            return forward(*args, **kwargs)
+
+    body.forward = autocast_forward
+    return model
 
 
 def _from_pretrained(loader, name_or_path: str, what: str, **kwargs):
@@ -86,9 +116,10 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, padding_s
     return tokenizer
 
 
-def load_model(name_or_path: str, model_class=None, trust_remote_code: bool = False, dtype=torch.float32, **kwargs):
+def load_model(name_or_path: str, model_class=None, trust_remote_code: bool = False, dtype=torch.float32, autocast_dtype=None, **kwargs):
     """Load a Hugging Face model (a causal LM unless `model_class` says otherwise) with dropout off.
 
+    Weights in `dtype`, the body under autocast when `autocast_dtype` is set (choose_precision gives both).
     Remote code never runs unless `trust_remote_code` is set (the `--trust-remote-code` flag).
     """
     from transformers import AutoModelForCausalLM
@@ -96,7 +127,7 @@ def load_model(name_or_path: str, model_class=None, trust_remote_code: bool = Fa
     model_class = model_class or AutoModelForCausalLM
     model = _from_pretrained(model_class.from_pretrained, name_or_path, "model", trust_remote_code=trust_remote_code, dtype=dtype, **kwargs)
     disable_dropout(model)
-    return model
+    return enable_autocast(model, autocast_dtype)
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -357,9 +388,13 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
     """(x - mean) / sqrt(var + eps) over the masked entries; with shift_mean=False the mean is added back.
 
     PPO whitens advantages with shift_mean=True and rewards with shift_mean=False (whitening
-    must not move the reward's sign). Masked-out entries are returned as 0.
+    must not move the reward's sign). Masked-out entries are returned as 0. The mean and the
+    (unbiased) variance are those of the whole batch: under torchrun, of every process's entries.
     """
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    mask = mask.to(values.dtype)
+    count = all_reduce_sum(mask.sum())
+    mean = all_reduce_sum((values * mask).sum()) / count.clamp(min=1)
+    var = all_reduce_sum(((values - mean) ** 2 * mask).sum()) / (count.clamp(min=2) - 1)
     whitened = (values - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

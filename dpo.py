@@ -1,6 +1,5 @@
 # Direct Preference Optimization (DPO): preference pairs, no reward model, no critic, no rollouts. README.md, section "DPO".
 import contextlib
-import copy
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -23,7 +22,7 @@ class Args:
     device: str = "auto"
     """`auto` (cuda > mps > cpu), or a torch device such as `cpu` or `cuda:1`"""
     dtype: str = "auto"
-    """weights dtype: auto (bfloat16 on a GPU that supports it, float32 elsewhere), float32, bfloat16 or float16"""
+    """`auto` (mixed on a GPU with bf16, float32 elsewhere), `mixed` (fp32 weights, bf16 autocast), float32, bfloat16, float16"""
     track: bool = False
     """log to Weights & Biases as well as TensorBoard"""
     wandb_project_name: str = "rlhf-reference"
@@ -265,17 +264,19 @@ def main(args: Args) -> None:
     run_name = common.run_name_for(args)
     writer = common.setup_logging(args, run_name)
     common.seed_everything(args.seed)
-    dtype = common.choose_dtype(args.dtype, device)
+    dtype, autocast_dtype = common.choose_precision(args.dtype, device)
 
     tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
-    model = common.load_model(args.model, AutoModelForCausalLM, args.trust_remote_code, dtype).to(device)
+    model = common.load_model(args.model, AutoModelForCausalLM, args.trust_remote_code, dtype, autocast_dtype).to(device)
     if args.lora_r:
         model = common.apply_lora(model, args.lora_r, args.lora_alpha, args.lora_target_modules)
     if args.gradient_checkpointing:
         common.enable_gradient_checkpointing(model)
     common.broadcast_parameters(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters ({trainable:,} trained) on {device} in {dtype}")
+    print(
+        f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters ({trainable:,} trained) on {device} in {dtype}{' with bf16 autocast' * bool(autocast_dtype)}"
+    )
 
     pairs = load_pairs(args)
     if args.rejected_from_model:
@@ -292,7 +293,10 @@ def main(args: Args) -> None:
     # process, for every pair), so no second model stays in memory; --keep-reference-model runs a frozen copy every
     # step instead (same numbers). With LoRA that copy is the model itself with its adapters switched off.
     if args.keep_reference_model:
-        ref_model = None if args.lora_r else copy.deepcopy(model).eval().requires_grad_(False)
+        ref_model = (
+            None if args.lora_r else common.load_model(args.model, AutoModelForCausalLM, args.trust_remote_code, dtype, autocast_dtype)
+        )
+        ref_model = ref_model if ref_model is None else ref_model.to(device).eval().requires_grad_(False)
     else:
         start = time.time()
         all_ref_chosen, all_ref_rejected = reference_logprobs(model, tokenized, 4 * args.batch_size, tokenizer.pad_token_id, device)

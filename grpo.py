@@ -24,7 +24,7 @@ class Args:
     device: str = "auto"
     """`auto` (cuda > mps > cpu), or a torch device such as `cpu` or `cuda:1`"""
     dtype: str = "auto"
-    """weights dtype: auto (bfloat16 on a GPU that supports it, float32 elsewhere), float32, bfloat16 or float16"""
+    """`auto` (mixed on a GPU with bf16, float32 elsewhere), `mixed` (fp32 weights, bf16 autocast), float32, bfloat16, float16"""
     track: bool = False
     """log to Weights & Biases as well as TensorBoard"""
     wandb_project_name: str = "rlhf-reference"
@@ -355,9 +355,9 @@ def load_rows(args: Args) -> tuple[list[dict], list[dict]]:
     return rows[held_out:], rows[:held_out]
 
 
-def load_reference_model(args: Args, dtype: torch.dtype, device: torch.device):
+def load_reference_model(args: Args, dtype: torch.dtype, autocast_dtype, device: torch.device):
     """The frozen reference policy pi_ref (a second copy of --model), needed only when beta != 0."""
-    reference = common.load_model(args.model, AutoModelForCausalLM, args.trust_remote_code, dtype).to(device).eval()
+    reference = common.load_model(args.model, AutoModelForCausalLM, args.trust_remote_code, dtype, autocast_dtype).to(device).eval()
     return reference.requires_grad_(False)
 
 
@@ -394,11 +394,11 @@ def main(args: Args) -> None:
     run_name = common.run_name_for(args)
     writer = common.setup_logging(args, run_name)
     common.seed_everything(args.seed)
-    dtype = common.choose_dtype(args.dtype, device)
+    dtype, autocast_dtype = common.choose_precision(args.dtype, device)
 
     tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
-    model = common.load_model(args.model, AutoModelForCausalLM, args.trust_remote_code, dtype).to(device)
-    reference = load_reference_model(args, dtype, device) if args.beta != 0.0 and not args.lora_r else None
+    model = common.load_model(args.model, AutoModelForCausalLM, args.trust_remote_code, dtype, autocast_dtype).to(device)
+    reference = load_reference_model(args, dtype, autocast_dtype, device) if args.beta != 0.0 and not args.lora_r else None
     if args.lora_r:
         model = common.apply_lora(model, args.lora_r, args.lora_alpha, args.lora_target_modules)
     if args.gradient_checkpointing:
@@ -406,10 +406,14 @@ def main(args: Args) -> None:
     common.broadcast_parameters(model)
     common.seed_everything(args.seed + rank)  # each process samples different completions
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters ({trainable:,} trained) on {device} in {dtype}")
+    print(
+        f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters ({trainable:,} trained) on {device} in {dtype}{' with bf16 autocast' * bool(autocast_dtype)}"
+    )
     reward_names, reward_functions = list(args.reward_funcs), [REWARD_FUNCTIONS[name] for name in args.reward_funcs]
     if args.reward_model is not None:
-        reward_model = common.load_model(args.reward_model, AutoModelForSequenceClassification, args.trust_remote_code, dtype)
+        reward_model = common.load_model(
+            args.reward_model, AutoModelForSequenceClassification, args.trust_remote_code, dtype, autocast_dtype
+        )
         reward_model.to(device).eval().requires_grad_(False)
         reward_tokenizer = common.load_tokenizer(args.reward_model, args.trust_remote_code)
         reward_names.append("reward_model")

@@ -21,7 +21,7 @@ class Args:
     device: str = "auto"
     """`auto` (cuda > mps > cpu), or a torch device such as `cpu` or `cuda:1`"""
     dtype: str = "auto"
-    """weights dtype: auto (bfloat16 on a GPU that supports it, float32 elsewhere), float32, bfloat16 or float16"""
+    """`auto` (mixed on a GPU with bf16, float32 elsewhere), `mixed` (fp32 weights, bf16 autocast), float32, bfloat16, float16"""
     track: bool = False
     """log to Weights & Biases as well as TensorBoard"""
     wandb_project_name: str = "rlhf-reference"
@@ -63,11 +63,13 @@ class Args:
     total_steps: int = 200
     """PPO iterations; each samples --batch-size completions and updates on them"""
     batch_size: int = 64
-    """prompts (one completion each) per rollout"""
+    """prompts (one completion each) per rollout, over all processes"""
     num_ppo_epochs: int = 4
     """passes over each rollout"""
     num_minibatches: int = 4
-    """minibatches per pass, reshuffled every epoch; must divide --batch-size"""
+    """minibatches per pass, reshuffled every epoch; must divide --batch-size (per process under torchrun)"""
+    gradient_checkpointing: bool = False
+    """recompute the policy's and the value model's activations in the backward pass: less memory, more compute"""
     learning_rate: float = 1e-4
     """AdamW learning rate of the policy, decayed linearly to 0"""
     value_learning_rate: float = 1e-3
@@ -213,12 +215,14 @@ def completion_values(value_model, sequences: torch.Tensor, attention_mask: torc
     return value_model.score(hidden[:, prompt_length - 1 : -1]).squeeze(-1).float()
 
 
-def load_value_model(name_or_path: str, trust_remote_code: bool, dtype: torch.dtype):
+def load_value_model(name_or_path: str, trust_remote_code: bool, dtype: torch.dtype, autocast_dtype=None):
     """The critic: a separate network with a scalar `score` head read at every token, the head set to 0 so V = 0 at first.
 
     Loaded as an AutoModelForSequenceClassification (num_labels=1) from a reward model or from a causal LM backbone.
     """
-    value_model = common.load_model(name_or_path, AutoModelForSequenceClassification, trust_remote_code, dtype, num_labels=1)
+    value_model = common.load_model(
+        name_or_path, AutoModelForSequenceClassification, trust_remote_code, dtype, autocast_dtype, num_labels=1
+    )
     torch.nn.init.zeros_(value_model.score.weight)
     if getattr(value_model.score, "bias", None) is not None:
         torch.nn.init.zeros_(value_model.score.bias)
@@ -271,26 +275,40 @@ def main(args: Args):
         raise ValueError(f"--target-kl must be positive, got {args.target_kl}")
     if args.temperature <= 0:
         raise ValueError(f"--temperature must be positive (PPO samples), got {args.temperature}")
+    rank, world_size, device = common.setup_distributed(args.device)  # (0, 1, device) without torchrun
+    if args.batch_size % (world_size * args.num_minibatches):
+        raise ValueError(f"--batch-size {args.batch_size} must divide by {world_size} processes x --num-minibatches {args.num_minibatches}")
+    local_batch_size = args.batch_size // world_size
     run_name = common.run_name_for(args)
     writer = common.setup_logging(args, run_name)
     common.seed_everything(args.seed)
-    device = common.choose_device(args.device)
-    dtype = common.choose_dtype(args.dtype, device)
+    dtype, autocast_dtype = common.choose_precision(args.dtype, device)
 
     # the four models: policy (trained), reference (frozen), reward model (frozen), value model (trained). Dropout is off in all.
     tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
-    policy = common.load_model(args.model, AutoModelForCausalLM, args.trust_remote_code, dtype).to(device)
-    ref_policy = common.load_model(args.model, AutoModelForCausalLM, args.trust_remote_code, dtype).to(device).requires_grad_(False)
+    policy = common.load_model(args.model, AutoModelForCausalLM, args.trust_remote_code, dtype, autocast_dtype).to(device)
+    ref_policy = common.load_model(args.model, AutoModelForCausalLM, args.trust_remote_code, dtype, autocast_dtype)
+    ref_policy = ref_policy.to(device).requires_grad_(False)
     reward_model = reward_tokenizer = None
     if args.reward_fn == "reward_model":
-        reward_model = common.load_model(args.reward_model, AutoModelForSequenceClassification, args.trust_remote_code, dtype)
+        reward_model = common.load_model(
+            args.reward_model, AutoModelForSequenceClassification, args.trust_remote_code, dtype, autocast_dtype
+        )
         reward_model.to(device).requires_grad_(False)
         reward_tokenizer = common.load_tokenizer(args.reward_model, args.trust_remote_code)
         same_tokenizer = reward_tokenizer.get_vocab() == tokenizer.get_vocab()
     # the critic starts from the reward model when there is one (it already reads "how good is this text"), else from the policy
     value_source = args.reward_model if args.reward_fn == "reward_model" else args.model
-    value_model = load_value_model(value_source, args.trust_remote_code, dtype).to(device)
-    print(f"policy {args.model}: {sum(p.numel() for p in policy.parameters()):,} parameters; value model from {value_source}; on {device}")
+    value_model = load_value_model(value_source, args.trust_remote_code, dtype, autocast_dtype).to(device)
+    if args.gradient_checkpointing:
+        common.enable_gradient_checkpointing(policy)
+        common.enable_gradient_checkpointing(value_model)
+    common.broadcast_parameters(policy)
+    common.broadcast_parameters(value_model)  # its new head is random: every process starts from rank 0's
+    common.seed_everything(args.seed + rank)  # each process samples different completions
+    print(
+        f"policy {args.model}: {sum(p.numel() for p in policy.parameters()):,} parameters; value model from {value_source}; on {device} in {dtype}{' with bf16 autocast' * bool(autocast_dtype)}"
+    )
 
     train_rows, eval_rows = load_rows(args)
     for row in train_rows:
@@ -304,9 +322,9 @@ def main(args: Args):
         weight_decay=0.0,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / args.total_steps)
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)  # the same on every process: they agree on each batch's prompts
     order = torch.randperm(len(train_rows), generator=generator).tolist()
-    minibatch_size = args.batch_size // args.num_minibatches
+    minibatch_size = local_batch_size // args.num_minibatches
     kl_coef = args.kl_coef
 
     def evaluate(step: int) -> None:
@@ -321,10 +339,12 @@ def main(args: Args):
     for step in range(1, args.total_steps + 1):
         if len(order) < args.batch_size:  # reshuffle after each pass over the prompts
             order += torch.randperm(len(train_rows), generator=generator).tolist()
-        batch_rows, order = [train_rows[i] for i in order[: args.batch_size]], order[args.batch_size :]
+        batch_rows = [train_rows[i] for i in common.shard(order[: args.batch_size], rank, world_size)]  # this process's share
+        order = order[args.batch_size :]
         prompts = [row["prompt"] for row in batch_rows]
 
         # 1. rollout: sample one completion per left-padded prompt from the current (= old) policy, at full support
+        policy.eval()  # generation keeps its KV cache (gradient checkpointing turns it off in train mode)
         with torch.no_grad():
             prompt_batch = tokenizer.pad({"input_ids": [row["prompt_ids"] for row in batch_rows]}, return_tensors="pt", padding_side="left")
             prompt_batch = prompt_batch.to(device)
@@ -368,17 +388,20 @@ def main(args: Args):
             if args.missing_eos_penalty is not None:
                 scores = scores - args.missing_eos_penalty * (~has_eos).float()
 
-            # 4. per-token KL-shaped reward, GAE, whitened advantages
+            # 4. per-token KL-shaped reward, GAE, whitened advantages (mean and std of the whole batch, every process's)
             rewards, kl = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef, args.kl_estimator)
             if args.whiten_rewards:
                 rewards = common.masked_whiten(rewards, mask, shift_mean=False)
             advantages, returns = compute_gae(rewards, old_values, mask, args.gamma, args.lam)
             advantages = common.masked_whiten(advantages, mask)
 
-        # 5. PPO update: epochs x shuffled minibatches of the rollout
+        # 5. PPO update: epochs x shuffled minibatches of the rollout. Under torchrun each process updates on minibatches
+        # of its own rows and the gradients are averaged over processes, as DistributedDataParallel does.
+        policy.train()
+        value_model.train()
         update_metrics = []
         for _ in range(args.num_ppo_epochs):
-            for indices in torch.randperm(args.batch_size, device=device).split(minibatch_size):
+            for indices in torch.randperm(local_batch_size, device=device).split(minibatch_size):
                 logits = completion_logits(policy, sequences[indices], attention_mask[indices], prompt_length)
                 logprobs = common.token_logprobs(logits, completion_ids[indices], args.temperature)
                 values = completion_values(value_model, sequences[indices], attention_mask[indices], prompt_length)
@@ -388,7 +411,9 @@ def main(args: Args):
                 )
                 loss = policy_loss + args.vf_coef * value_loss
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss / world_size).backward()  # summed over processes below: the mean of their minibatch losses
+                common.all_reduce_gradients(policy)
+                common.all_reduce_gradients(value_model)
                 torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
                 optimizer.step()
                 update_metrics.append(
@@ -396,27 +421,34 @@ def main(args: Args):
                 )
         scheduler.step()
 
-        # 6. logging: sequence-level KL and reward of the rollout, means of the update metrics
-        sequence_kl = kl.sum(1).mean().item()
-        non_score_reward = (-kl_coef * kl).sum(1).mean().item()
-        mean = {key: torch.stack([m[key] for m in update_metrics]).mean().item() for key in update_metrics[0]}
+        # 6. logging: sequence-level KL and reward of the whole rollout, means of the update metrics over processes
+        all_scores, sequence_kls = common.all_gather(scores), common.all_gather(kl.sum(1))
+        sequence_kl = sequence_kls.mean().item()
+        non_score_reward = -kl_coef * sequence_kl
+        per_process = {key: torch.stack([m[key] for m in update_metrics]).mean() for key in update_metrics[0]}
+        per_process |= {
+            "entropy": entropy,
+            "explained_variance": torch.tensor(explained_variance(old_values, returns, mask), device=device),
+        }
+        per_process |= {"eos_fraction": has_eos.float().mean(), "completion_length": mask.sum(1).float().mean()}
+        mean = {key: common.all_reduce_sum(value.float()).item() / world_size for key, value in per_process.items()}
         scalars = {
-            "objective/scores": scores.mean().item(),
+            "objective/scores": all_scores.mean().item(),
             "objective/kl": sequence_kl,
             "objective/non_score_reward": non_score_reward,
-            "objective/rlhf_reward": scores.mean().item() + non_score_reward,
-            "objective/entropy": entropy.item(),
+            "objective/rlhf_reward": all_scores.mean().item() + non_score_reward,
+            "objective/entropy": mean["entropy"],
             "objective/kl_coef": kl_coef,
             "losses/policy_loss": mean["policy_loss"],
             "losses/value_loss": mean["value_loss"],
             "losses/approx_kl": mean["approx_kl"],
             "losses/clipfrac": mean["clipfrac"],
             "losses/value_clipfrac": mean["value_clipfrac"],
-            "losses/explained_variance": explained_variance(old_values, returns, mask),
+            "losses/explained_variance": mean["explained_variance"],
             "policy/ratio_mean": mean["ratio_mean"],
             "policy/ratio_var": mean["ratio_var"],
-            "charts/eos_fraction": has_eos.float().mean().item(),
-            "charts/completion_length": mask.sum(1).float().mean().item(),
+            "charts/eos_fraction": mean["eos_fraction"],
+            "charts/completion_length": mean["completion_length"],
             "charts/learning_rate": scheduler.get_last_lr()[0],
             "charts/SPS": step / (time.time() - start_time),
         }
@@ -431,7 +463,7 @@ def main(args: Args):
             )
             writer.add_text("samples", samples, step)
             print(
-                f"step {step:4d}  score {scalars['objective/scores']:+.3f}  kl {sequence_kl:.4f}  entropy {entropy.item():.3f}  "
+                f"step {step:4d}  score {scalars['objective/scores']:+.3f}  kl {sequence_kl:.4f}  entropy {mean['entropy']:.3f}  "
                 f"value_loss {mean['value_loss']:.4f}  clipfrac {mean['clipfrac']:.3f}  SPS {scalars['charts/SPS']:.2f}  samples: {samples}",
                 flush=True,
             )

@@ -27,7 +27,7 @@ class Args:
     device: str = "auto"
     """`auto` (cuda > mps > cpu), or a torch device such as `cpu` or `cuda:1`"""
     dtype: str = "auto"
-    """weights dtype: auto (bfloat16 on a GPU that supports it, float32 elsewhere), float32, bfloat16 or float16"""
+    """`auto` (mixed on a GPU with bf16, float32 elsewhere), `mixed` (fp32 weights, bf16 autocast), float32, bfloat16, float16"""
     track: bool = False
     """log to Weights & Biases as well as TensorBoard"""
     wandb_project_name: str = "rlhf-reference"
@@ -214,11 +214,11 @@ def main(args: Args) -> None:
     run_name = common.run_name_for(args)
     writer = common.setup_logging(args, run_name)
     common.seed_everything(args.seed)
-    dtype = common.choose_dtype(args.dtype, device)
+    dtype, autocast_dtype = common.choose_precision(args.dtype, device)
 
     # model: the backbone with a scalar head reading the last real token (num_labels=1)
     tokenizer = common.load_tokenizer(args.model, args.trust_remote_code, padding_side="right")
-    model = common.load_model(args.model, AutoModelForSequenceClassification, args.trust_remote_code, dtype, num_labels=1)
+    model = common.load_model(args.model, AutoModelForSequenceClassification, args.trust_remote_code, dtype, autocast_dtype, num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id  # saved in config.json: HF's own forward needs it to find the last token
     if not any(name.endswith("ForSequenceClassification") for name in getattr(model.config, "architectures", None) or []):
         init_reward_head(model)  # a causal LM has no score head yet: create it (a reward model checkpoint keeps its own)
@@ -229,7 +229,9 @@ def main(args: Args) -> None:
     if args.gradient_checkpointing:
         common.enable_gradient_checkpointing(model)
     common.broadcast_parameters(model)  # the new score head is random: every process starts from rank 0's
-    print(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters on {device} in {dtype}")
+    print(
+        f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters on {device} in {dtype}{' with bf16 autocast' * bool(autocast_dtype)}"
+    )
 
     train_pairs = [tokenize_pair(tokenizer, row, args.max_length, args.chat_template) for row in train_rows]
     eval_pairs = [tokenize_pair(tokenizer, row, args.max_length, args.chat_template)[:2] for row in eval_rows]

@@ -19,7 +19,7 @@ class Args:
     device: str = "auto"
     """`auto` (cuda > mps > cpu), or a torch device such as `cpu` or `cuda:1`"""
     dtype: str = "auto"
-    """weights dtype: auto (bfloat16 on a GPU that supports it, float32 elsewhere), float32, bfloat16 or float16"""
+    """`auto` (mixed on a GPU with bf16, float32 elsewhere), `mixed` (fp32 weights, bf16 autocast), float32, bfloat16, float16"""
     track: bool = False
     """log to Weights & Biases as well as TensorBoard"""
     wandb_project_name: str = "rlhf-reference"
@@ -155,16 +155,17 @@ def main(args: Args) -> None:
     run_name = common.run_name_for(args)
     writer = common.setup_logging(args, run_name)
     common.seed_everything(args.seed)
-    dtype = common.choose_dtype(args.dtype, device)
+    dtype, autocast_dtype = common.choose_precision(args.dtype, device)
 
     # model and tokenizer: built from scratch for `tiny`, loaded otherwise
     if args.model == common.TINY_MODEL:
         tokenizer = common.build_tiny_tokenizer()
         model = common.build_tiny_gpt2(tokenizer, args.tiny_n_layer, args.tiny_n_embd, args.tiny_n_head).to(dtype)
+        common.enable_autocast(model, autocast_dtype)
         args.max_length = min(args.max_length, model.config.n_positions)
     else:
         tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
-        model = common.load_model(args.model, AutoModelForCausalLM, args.trust_remote_code, dtype)
+        model = common.load_model(args.model, AutoModelForCausalLM, args.trust_remote_code, dtype, autocast_dtype)
     model.to(device)
     if args.lora_r:
         model = common.apply_lora(model, args.lora_r, args.lora_alpha, args.lora_target_modules)
@@ -172,7 +173,9 @@ def main(args: Args) -> None:
         common.enable_gradient_checkpointing(model)
     common.broadcast_parameters(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters ({trainable:,} trained) on {device} in {dtype}")
+    print(
+        f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters ({trainable:,} trained) on {device} in {dtype}{' with bf16 autocast' * bool(autocast_dtype)}"
+    )
 
     train_rows, eval_rows = load_rows(args)
     tokenized = [tokenize_example(tokenizer, row, args.max_length, args.chat_template) for row in train_rows]

@@ -24,10 +24,31 @@ def test_seed_everything_repeats_draws():
 def test_choose_device_and_dtype():
     assert common.choose_device("cpu").type == "cpu"
     assert common.choose_device("auto").type in ("cpu", "cuda", "mps")
-    assert common.choose_dtype("auto", torch.device("cpu")) == torch.float32
-    assert common.choose_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    cpu = torch.device("cpu")
+    assert common.choose_precision("auto", cpu) == (torch.float32, None)
+    assert common.choose_precision("mixed", cpu) == (torch.float32, torch.bfloat16)
+    assert common.choose_precision("bfloat16", cpu) == (torch.bfloat16, None)
     with pytest.raises(ValueError, match="--dtype"):
-        common.choose_dtype("fp8", torch.device("cpu"))
+        common.choose_precision("fp8", cpu)
+
+
+def test_mixed_precision_runs_the_body_in_bf16_and_keeps_weights_heads_and_gradients_fp32(tmp_path):
+    torch.manual_seed(0)
+    tokenizer = common.build_tiny_tokenizer()
+    common.save_checkpoint(common.build_tiny_gpt2(tokenizer, n_layer=2, n_embd=32, n_head=2), tokenizer, str(tmp_path / "tiny"))
+    plain = common.load_model(str(tmp_path / "tiny"))
+    mixed = common.load_model(str(tmp_path / "tiny"), autocast_dtype=torch.bfloat16)
+    ids = torch.tensor([tokenizer("12+34=46")["input_ids"]] * 2)
+    matmul_dtypes = []
+    mixed.base_model.h[0].mlp.c_fc.register_forward_hook(lambda module, inputs, output: matmul_dtypes.append(output.dtype))
+    logits = mixed(ids).logits
+    assert matmul_dtypes == [torch.bfloat16] and logits.dtype == torch.float32
+    assert all(parameter.dtype == torch.float32 for parameter in mixed.parameters())
+    torch.testing.assert_close(logits, plain(ids).logits, atol=0.1, rtol=0.05)  # bf16 matmuls: close, not equal
+    mixed(ids, labels=ids).loss.backward()
+    assert all(parameter.grad.dtype == torch.float32 for parameter in mixed.parameters() if parameter.grad is not None)
+    output = mixed.generate(ids[:1], max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert output.shape == (1, ids.size(1) + 3)
 
 
 def test_missing_model_path_is_a_clear_error(tmp_path):

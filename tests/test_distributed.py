@@ -1,6 +1,7 @@
 """Data parallelism under torchrun (gloo, 2 CPU processes, the tiny model): the all-reduced update must equal the
 single-process update on the concatenated batch, and a 2-process run must log and save once."""
 
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,8 @@ import pytest
 import safetensors.torch
 import torch
 from transformers import AutoModelForCausalLM
+
+import common
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,7 +48,8 @@ def test_grpo_update_on_two_processes_equals_one_process_on_the_whole_batch(tiny
 
 
 def flags(**arguments) -> list[str]:
-    return [f"--{key.replace('_', '-')}={value}" for key, value in arguments.items()]
+    """--key=value for each argument, and a bare --key for True (tyro's boolean flags)."""
+    return [f"--{key.replace('_', '-')}" + ("" if value is True else f"={value}") for key, value in arguments.items()]
 
 
 def saved_weights(folder: Path) -> dict:
@@ -81,3 +85,24 @@ def test_batch_that_does_not_split_over_the_processes_is_a_clear_error(tiny_chec
     command += [f"--model={tiny_checkpoint}", "--batch-size=12", "--group-size=4", "--micro-batch-size=4", "--total-steps=1"]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode != 0 and "3 prompts must divide by the number of processes, 2" in result.stderr
+
+
+def test_collectives_whitening_and_sharded_evaluation_match_one_process(tmp_path):
+    log = torchrun(2, ROOT / "tests" / "distributed_collectives.py", cwd=tmp_path)
+    sys.path.insert(0, str(ROOT / "tests"))
+    from distributed_collectives import PROBLEMS
+
+    tokenizer = common.build_tiny_tokenizer()
+    torch.manual_seed(0)
+    model = common.build_tiny_gpt2(tokenizer, n_layer=1, n_embd=16, n_head=2)
+    _, expected = common.evaluate_accuracy(model, tokenizer, PROBLEMS, max_new_tokens=3)
+    assert json.loads(log.split("completions:")[1]) == expected
+
+
+def test_ppo_runs_on_two_processes_with_gradient_checkpointing(tiny_checkpoint, tmp_path):
+    arguments = dict(model=tiny_checkpoint, reward_fn="arithmetic", total_steps=2, batch_size=8, num_minibatches=2, eval_every=1)
+    log = torchrun(
+        2, ROOT / "ppo.py", *flags(**arguments, eval_size=8, output_dir=tmp_path / "ppo", gradient_checkpointing=True), cwd=tmp_path
+    )
+    assert log.count("eval_accuracy") == 3 and "saved" in log
+    assert (tmp_path / "ppo" / "model.safetensors").is_file()

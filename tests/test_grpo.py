@@ -298,11 +298,15 @@ def test_lora_with_kl_uses_the_model_with_adapters_off_as_reference_and_saves_a_
     assert torch.equal(after["transformer.wte.weight"], before["transformer.wte.weight"]), "only adapted weights change"
 
 
-def test_bfloat16_weights_train_on_cpu(tiny_checkpoint, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype, saved_dtype", [("bfloat16", torch.bfloat16), ("mixed", torch.float32)])
+def test_bf16_weights_and_mixed_precision_train_on_cpu(tiny_checkpoint, tmp_path, monkeypatch, dtype, saved_dtype):
     monkeypatch.chdir(tmp_path)
-    grpo.main(small_args(tiny_checkpoint, tmp_path, dtype="bfloat16", beta=0.1))
+    build_reward_model(tmp_path / "rm", common.load_tokenizer(tiny_checkpoint))  # graded rewards: nonzero advantages
+    grpo.main(small_args(tiny_checkpoint, tmp_path, dtype=dtype, beta=0.1, reward_model=str(tmp_path / "rm"), learning_rate=1e-2))
+    before = AutoModelForCausalLM.from_pretrained(tiny_checkpoint).state_dict()
     after = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto")
-    assert after.dtype == torch.bfloat16 and all(torch.isfinite(p).all() for p in after.parameters())
+    assert after.dtype == saved_dtype and all(torch.isfinite(p).all() for p in after.parameters())
+    assert not torch.equal(after.state_dict()["transformer.h.0.mlp.c_fc.weight"].float(), before["transformer.h.0.mlp.c_fc.weight"])
 
 
 def test_jsonl_data_with_math_and_format_rewards(tiny_checkpoint, tmp_path, monkeypatch):
