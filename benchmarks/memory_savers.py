@@ -39,7 +39,7 @@ def main(args: Args) -> None:
         harness.run_script("benchmarks/convert_smollm2.py", ["--output-dir", model])
     rows = []
     with tempfile.TemporaryDirectory(prefix="memory-") as folder:
-        qa, preferences = write_data(Path(folder))
+        qa, preferences = write_data(Path(folder), rows=48)  # few pairs: dpo.py precomputes their reference log-probs
         common_flags = ["--model", model, "--chat-template", "--total-steps", str(args.steps), "--eval-every", "1000"]
         scripts = {
             "dpo.py": ["--dataset", preferences, "--batch-size", "8", "--learning-rate", "1e-6", "--eval-size", "8"],

@@ -33,11 +33,11 @@ class Args:
     seeds: tuple[int, ...] = (1,)
 
 
-def write_data(folder: Path) -> tuple[str, str]:
+def write_data(folder: Path, rows: int = 200) -> tuple[str, str]:
     """A prompt/answer JSONL (addition questions in words) and a prompt/chosen/rejected JSONL (right vs near-miss answer)."""
     rng = random.Random(0)
     questions, pairs = [], []
-    for _ in range(200):
+    for _ in range(rows):
         a, b = rng.randint(10, 99), rng.randint(10, 99)
         prompt = f"What is {a} + {b}? Reply with 'Answer: ' followed by the number."
         questions.append({"prompt": prompt, "answer": str(a + b)})
