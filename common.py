@@ -1,5 +1,6 @@
 # Tiny helpers shared by sft.py, reward_model.py, ppo.py, grpo.py and dpo.py (DESIGN.md section 3).
 # Loops, losses and advantages live in the scripts; this file holds only what two or more of them need.
+import atexit
 import functools
 import json
 import os
@@ -158,6 +159,7 @@ def setup_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(dist.destroy_process_group)  # leaving with the group alive aborts the process at shutdown
     if rank != 0:
         sys.stdout = open(os.devnull, "w")
     return rank, world_size, device
