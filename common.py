@@ -613,7 +613,7 @@ def setup_logging(args, run_name: str, log_dir: str = "runs"):
             name=run_name,
             save_code=True,
         )
-    writer = SummaryWriter(f"{log_dir}/{run_name}")
+    writer = SummaryWriter(str(Path(log_dir, run_name).resolve()))  # absolute: the writer thread outlives a chdir
     table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
     return writer
