@@ -155,8 +155,14 @@ def setup_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
         return 0, 1, device
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(
+                f"process {local_rank} needs GPU {local_rank}, but there are {torch.cuda.device_count()}: lower --nproc_per_node"
+            )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+    elif device.type != "cpu":  # gloo moves CPU tensors only (an Apple GPU, mps, cannot take part)
+        device = torch.device("cpu")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         atexit.register(dist.destroy_process_group)  # leaving with the group alive aborts the process at shutdown
@@ -203,15 +209,14 @@ def all_reduce_gradients(model: torch.nn.Module) -> None:
 
     DistributedDataParallel does this during backward, bucket by bucket; here it is written out and runs
     once per optimizer step, after gradient accumulation, so ranks may run different numbers of
-    micro-batches (grpo.py skips rows whose advantage is 0). A parameter without a gradient sends zeros.
+    micro-batches (grpo.py skips rows whose advantage is 0). A parameter without a gradient gets zeros.
     """
-    if world()[1] == 1:
-        return
     for parameter in model.parameters():
         if parameter.requires_grad:
-            if parameter.grad is None:
+            if parameter.grad is None:  # in one process too, so AdamW counts the same steps with or without torchrun
                 parameter.grad = torch.zeros_like(parameter)
-            dist.all_reduce(parameter.grad)
+            if world()[1] > 1:
+                dist.all_reduce(parameter.grad)
 
 
 def shard(items: list, rank: int, world_size: int) -> list:
@@ -220,7 +225,7 @@ def shard(items: list, rank: int, world_size: int) -> list:
     return items[rank * size : (rank + 1) * size]
 
 
-def apply_lora(model, r: int, alpha: float, target_modules: str = "all-linear", task_type: str = "CAUSAL_LM", modules_to_save=None):
+def apply_lora(model, r: int, alpha: float, target_modules: str = "all-linear"):
     """Freeze the model and add trainable LoRA adapters W + (alpha / r) B A (peft) to `target_modules`.
 
     B starts at 0, so the wrapped model computes exactly what the base model does; with
@@ -236,10 +241,9 @@ def apply_lora(model, r: int, alpha: float, target_modules: str = "all-linear", 
         r=r,
         lora_alpha=alpha,
         target_modules=targets,
-        task_type=task_type,
+        task_type="CAUSAL_LM",
         lora_dropout=0.0,
         fan_in_fan_out=transposed,
-        modules_to_save=modules_to_save,
     )
     return get_peft_model(model, config)
 
@@ -629,28 +633,33 @@ def save_checkpoint(model, tokenizer, output_dir: str) -> None:
 
     Everything is written to a temporary sibling folder first, which then replaces `output_dir`
     by rename; an interrupted save leaves the previous checkpoint intact. Under torchrun only rank 0
-    writes (the others wait for it). A LoRA model is saved with its adapters merged into the weights,
-    a plain model that `from_pretrained` loads; the merge changes `model`, so save at the end.
+    writes (the others wait for it). A LoRA model is saved with its adapters merged into the weights, a
+    plain model that `from_pretrained` loads, and the adapters alone under `adapter/` as well: merged into
+    bf16 weights (--dtype bfloat16) the update is rounded, the adapters keep it exact. The merge changes
+    `model`, so save at the end.
     """
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    if world()[0] != 0:
-        dist.barrier()
-        return
+    rank = world()[0]
     target = Path(output_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     previous = target.with_name(f".{target.name}.old-{os.getpid()}")
-    shutil.rmtree(temporary, ignore_errors=True)
+    if rank == 0:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(temporary, ignore_errors=True)
     try:
-        model.save_pretrained(temporary)
-        tokenizer.save_pretrained(temporary)
+        if hasattr(model, "merge_and_unload"):
+            if rank == 0:
+                model.save_pretrained(temporary / "adapter")
+            model = model.merge_and_unload()
+        if rank == 0:
+            model.save_pretrained(temporary)
+            tokenizer.save_pretrained(temporary)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
-    if target.exists():
-        target.rename(previous)
-    temporary.rename(target)
-    shutil.rmtree(previous, ignore_errors=True)
+    if rank == 0:
+        if target.exists():
+            target.rename(previous)
+        temporary.rename(target)
+        shutil.rmtree(previous, ignore_errors=True)
     if world()[1] > 1:
         dist.barrier()

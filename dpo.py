@@ -291,7 +291,7 @@ def main(args: Args) -> None:
 
     # the reference pi_ref is the starting policy, frozen. By default its log-probs are computed once here (by every
     # process, for every pair), so no second model stays in memory; --keep-reference-model runs a frozen copy every
-    # step instead (same numbers). With LoRA that copy is the model itself with its adapters switched off.
+    # step instead (the same numbers, up to rounding). With LoRA that copy is the model itself with its adapters switched off.
     if args.keep_reference_model:
         ref_model = (
             None if args.lora_r else common.load_model(args.model, AutoModelForCausalLM, args.trust_remote_code, dtype, autocast_dtype)
@@ -299,7 +299,7 @@ def main(args: Args) -> None:
         ref_model = ref_model if ref_model is None else ref_model.to(device).eval().requires_grad_(False)
     else:
         start = time.time()
-        all_ref_chosen, all_ref_rejected = reference_logprobs(model, tokenized, 4 * args.batch_size, tokenizer.pad_token_id, device)
+        all_ref_chosen, all_ref_rejected = reference_logprobs(model, tokenized, micro_batch_size, tokenizer.pad_token_id, device)
         print(f"reference log-probs of {len(tokenized)} pairs computed in {time.time() - start:.1f}s")
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)

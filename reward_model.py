@@ -295,7 +295,7 @@ def main(args: Args) -> None:
 
         if step % args.eval_every == 0 or step == args.total_steps:
             model.eval()
-            eval_chosen, eval_rejected = score_dataset(model, eval_pairs, tokenizer.pad_token_id, device)
+            eval_chosen, eval_rejected = score_dataset(model, eval_pairs, tokenizer.pad_token_id, device, micro_batch_size)
             model.train()
             eval_metrics = preference_metrics(eval_chosen, eval_rejected)
             for name in ("accuracy", "margin", "reward_mean", "reward_std"):
@@ -314,7 +314,7 @@ def main(args: Args) -> None:
     if args.shift_bias_to_zero_mean:
         # r <- r - mean over the training completions, so a policy's reward starts near 0
         model.eval()
-        train_chosen, train_rejected = score_dataset(model, train_pairs, tokenizer.pad_token_id, device)
+        train_chosen, train_rejected = score_dataset(model, train_pairs, tokenizer.pad_token_id, device, micro_batch_size)
         mean_reward = torch.cat([train_chosen, train_rejected]).mean().item()
         shift_reward(model, -mean_reward)
         writer.add_scalar("charts/reward_shift", -mean_reward, args.total_steps)

@@ -145,7 +145,12 @@ def sft_loss(model, batch: dict, num_tokens: torch.Tensor | None = None) -> torc
 
 def main(args: Args) -> None:
     rank, world_size, device = common.setup_distributed(args.device)  # (0, 1, device) without torchrun
-    if args.batch_size < 1 or args.batch_size % world_size or (args.micro_batch_size or 1) < 1 or args.lora_r < 0:
+    if (
+        args.batch_size < 1
+        or args.batch_size % world_size
+        or (args.micro_batch_size is not None and args.micro_batch_size < 1)
+        or args.lora_r < 0
+    ):
         raise ValueError(
             f"--batch-size {args.batch_size} must be >= 1 and divide by the number of processes ({world_size}), "
             f"--micro-batch-size {args.micro_batch_size} >= 1, --lora-r {args.lora_r} >= 0"
@@ -233,9 +238,9 @@ def main(args: Args) -> None:
             with torch.no_grad():
                 eval_losses = [
                     sft_loss(
-                        model, collate([e[:2] for e in eval_tokenized[i : i + args.batch_size]], tokenizer.pad_token_id, device)
+                        model, collate([e[:2] for e in eval_tokenized[i : i + micro_batch_size]], tokenizer.pad_token_id, device)
                     ).item()
-                    for i in range(0, len(eval_tokenized), args.batch_size)
+                    for i in range(0, len(eval_tokenized), micro_batch_size)
                 ]
             eval_loss = sum(eval_losses) / len(eval_losses)
             writer.add_scalar("charts/eval_loss", eval_loss, step)

@@ -13,7 +13,7 @@
    MFU = achieved FLOP/s / the GPU's peak dense bf16 FLOP/s, with training FLOPs per token = 6 N + 12 L d T
    (N: non-embedding parameters, L layers, width d, context T; PaLM's estimate: forward + backward, attention
    scores included). Generation is memory-bound, so only its tokens per second are reported.
-Writes benchmarks/results/gpu_throughput.md.
+Writes benchmarks/results/gpu_throughput_{size}_{device}.md.
 """
 
 import json

@@ -1,6 +1,6 @@
 """What the memory savers cost and save on a real model: SmolLM2-135M-Instruct on this CPU.
 
-    python benchmarks/memory_savers.py      # needs checkpoints/smollm2-135m-instruct (see benchmarks/smollm2.py)
+    python benchmarks/memory_savers.py      # converts SmolLM2 once if missing (benchmarks/convert_smollm2.py)
 
 dpo.py (8 pairs per step) and grpo.py (4 prompts x 8 completions of <= 24 tokens), each as is, with
 --gradient-checkpointing, with LoRA (--lora-r 16 on every linear layer) and with both: seconds per step and the

@@ -360,6 +360,7 @@ def test_lora_starts_as_the_base_model_and_disabling_it_gives_the_base_back(tmp_
     with model.disable_adapter():
         torch.testing.assert_close(model(ids).logits, expected)
     common.save_checkpoint(model, tokenizer, str(tmp_path / "merged"))
+    assert (tmp_path / "merged" / "adapter" / "adapter_config.json").is_file(), "the exact adapters are kept too"
     merged = common.load_model(str(tmp_path / "merged"))
     torch.testing.assert_close(merged(ids).logits, adapted, atol=1e-4, rtol=1e-4)
 
