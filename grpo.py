@@ -302,9 +302,10 @@ def policy_update(model, optimizer, scheduler, reference, rollout: dict, args: A
             ref_logprobs = frozen_logprobs(model if reference is None else reference, *frozen)
     old_logprobs = frozen_logprobs(model, *frozen) if args.num_iterations > 1 and micro_batches else None
 
-    # metrics: the batch loss (the micro-batch losses add up to it), and the others averaged over all micro-batches
-    names = ["losses/entropy", "clip/low", "clip/high"] + (["losses/kl"] if args.beta != 0.0 else [])
-    totals = torch.zeros(len(names) + 2, device=advantages.device)  # policy loss, sums of `names`, micro-batch count
+    # metrics, summed here and over processes: the batch loss (the micro-batch losses add up to it), and the others
+    # averaged over every micro-batch of every process
+    averaged = ["losses/entropy", "clip/low", "clip/high"] + (["losses/kl"] if args.beta != 0.0 else [])
+    sums = {name: torch.zeros((), device=advantages.device) for name in ["losses/policy_loss", *averaged, "micro_batches"]}
     model.train()
     for _ in range(args.num_iterations):
         optimizer.zero_grad(set_to_none=False)  # zeros, not None: a step with no updated rows still applies Adam's momentum
@@ -329,15 +330,20 @@ def policy_update(model, optimizer, scheduler, reference, rollout: dict, args: A
             loss.backward()
             with torch.no_grad():  # entropy of the completions in the update
                 metrics["losses/entropy"] = common.masked_mean(common.entropy_from_logits(logits, args.temperature), mask[mb])
-            totals += torch.stack([loss.detach(), *(metrics[name].float() for name in names), torch.ones_like(totals[0])])
+            metrics |= {"losses/policy_loss": loss.detach(), "micro_batches": torch.ones((), device=loss.device)}
+            for name in sums:
+                sums[name] += metrics[name].float()
         common.all_reduce_gradients(model)  # sum over processes: the gradient of the whole batch's loss
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         optimizer.step()
         scheduler.step()
-    totals = common.all_reduce_sum(totals)
-    averages = (totals[1:-1] / totals[-1].clamp(min=1)).tolist()
-    policy_loss = totals[0].item() / args.num_iterations
-    return {"losses/policy_loss": policy_loss, **dict(zip(names, averages)), "losses/grad_norm": grad_norm.item()}
+    sums = dict(zip(sums, common.all_reduce_sum(torch.stack(list(sums.values()))).tolist()))  # one collective for all
+    count = max(1.0, sums["micro_batches"])
+    return {
+        "losses/policy_loss": sums["losses/policy_loss"] / args.num_iterations,
+        **{name: sums[name] / count for name in averaged},
+        "losses/grad_norm": grad_norm.item(),
+    }
 
 
 # ----------------------------------------------------------------------------- training
