@@ -1,7 +1,7 @@
 # Tiny helpers shared by sft.py, reward_model.py, ppo.py, grpo.py and dpo.py (DESIGN.md section 3).
 # Loops, losses and advantages live in the scripts; this file holds only what two or more of them need.
-import atexit
 import functools
+import gc
 import json
 import os
 import random
@@ -165,10 +165,22 @@ def setup_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
         device = torch.device("cpu")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        atexit.register(dist.destroy_process_group)  # leaving with the group alive aborts the process at shutdown
     if rank != 0:
         sys.stdout = open(os.devnull, "w")
     return rank, world_size, device
+
+
+def finish_distributed() -> None:
+    """Leave the process group together, after a script's main() has returned: collect the garbage, a barrier, then
+    destroy the group.
+
+    gloo can abort a process at shutdown ("terminate called without an active exception") when the group or the
+    models are torn down while its peers are exiting; freeing the models first and leaving together avoids it.
+    """
+    if world()[1] > 1:
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def world() -> tuple[int, int]:

@@ -402,3 +402,4 @@ def main(args: Args) -> None:
 
 if __name__ == "__main__":
     main(tyro.cli(Args))
+    common.finish_distributed()  # under torchrun: every process leaves the group together

@@ -478,3 +478,4 @@ def main(args: Args):
 
 if __name__ == "__main__":
     main(tyro.cli(Args))
+    common.finish_distributed()  # under torchrun: every process leaves the group together

@@ -41,3 +41,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    common.finish_distributed()
