@@ -231,8 +231,8 @@ def all_reduce_gradients(model: torch.nn.Module) -> None:
                 dist.all_reduce(parameter.grad)
 
 
-def shard(items: list, rank: int, world_size: int) -> list:
-    """Rank `rank`'s contiguous share of a global batch (its length must divide by world_size)."""
+def shard(items, rank: int, world_size: int):
+    """Rank `rank`'s contiguous share of a global batch, a list or a tensor (its length must divide by world_size)."""
     size = len(items) // world_size
     return items[rank * size : (rank + 1) * size]
 

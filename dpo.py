@@ -275,7 +275,7 @@ def main(args: Args) -> None:
     common.broadcast_parameters(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(
-        f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters ({trainable:,} trained) on {device} in {dtype}{' with bf16 autocast' * bool(autocast_dtype)}"
+        f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters ({trainable:,} trained) on {device} in {dtype}, autocast {autocast_dtype}"
     )
 
     pairs = load_pairs(args)

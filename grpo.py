@@ -413,7 +413,7 @@ def main(args: Args) -> None:
     common.seed_everything(args.seed + rank)  # each process samples different completions
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(
-        f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters ({trainable:,} trained) on {device} in {dtype}{' with bf16 autocast' * bool(autocast_dtype)}"
+        f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters ({trainable:,} trained) on {device} in {dtype}, autocast {autocast_dtype}"
     )
     reward_names, reward_functions = list(args.reward_funcs), [REWARD_FUNCTIONS[name] for name in args.reward_funcs]
     if args.reward_model is not None:

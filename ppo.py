@@ -307,7 +307,7 @@ def main(args: Args):
     common.broadcast_parameters(value_model)  # its new head is random: every process starts from rank 0's
     common.seed_everything(args.seed + rank)  # each process samples different completions
     print(
-        f"policy {args.model}: {sum(p.numel() for p in policy.parameters()):,} parameters; value model from {value_source}; on {device} in {dtype}{' with bf16 autocast' * bool(autocast_dtype)}"
+        f"policy {args.model}: {sum(p.numel() for p in policy.parameters()):,} parameters; value model from {value_source}; on {device} in {dtype}, autocast {autocast_dtype}"
     )
 
     train_rows, eval_rows = load_rows(args)

@@ -229,9 +229,7 @@ def main(args: Args) -> None:
     if args.gradient_checkpointing:
         common.enable_gradient_checkpointing(model)
     common.broadcast_parameters(model)  # the new score head is random: every process starts from rank 0's
-    print(
-        f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters on {device} in {dtype}{' with bf16 autocast' * bool(autocast_dtype)}"
-    )
+    print(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters on {device} in {dtype}, autocast {autocast_dtype}")
 
     train_pairs = [tokenize_pair(tokenizer, row, args.max_length, args.chat_template) for row in train_rows]
     eval_pairs = [tokenize_pair(tokenizer, row, args.max_length, args.chat_template)[:2] for row in eval_rows]

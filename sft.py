@@ -138,8 +138,7 @@ def sft_loss(model, batch: dict, num_tokens: torch.Tensor | None = None) -> torc
     targets = batch["labels"][:, 1:]
     loss_mask = targets != -100
     logprobs = common.token_logprobs(logits[:, :-1], targets.clamp(min=0))
-    if num_tokens is None:
-        return -common.masked_mean(logprobs, loss_mask)
+    num_tokens = loss_mask.sum() if num_tokens is None else num_tokens
     return -(logprobs * loss_mask).sum() / num_tokens.clamp(min=1)
 
 
@@ -179,7 +178,7 @@ def main(args: Args) -> None:
     common.broadcast_parameters(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(
-        f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters ({trainable:,} trained) on {device} in {dtype}{' with bf16 autocast' * bool(autocast_dtype)}"
+        f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters ({trainable:,} trained) on {device} in {dtype}, autocast {autocast_dtype}"
     )
 
     train_rows, eval_rows = load_rows(args)
