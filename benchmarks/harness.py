@@ -101,19 +101,25 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(curves: dict[str, list[tuple[float, float]]], path: Path, title: str, xlabel: str, ylabel: str) -> None:
-    """One line per label; curves maps a label (e.g. `seed 1`) to (x, y) points."""
+def plot_curves(curves: dict[str, list[tuple[float, float, float]]], path: Path, title: str, ylabel: str) -> None:
+    """Two panels, the same curves against steps (left) and against wall time (right).
+
+    curves maps a label (e.g. `seed 1`) to (step, seconds, value) points, the triples of `read_scalars`.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for label, points in curves.items():
-        axis.plot([x for x, _ in points], [y for _, y in points], marker="o", markersize=3, label=label)
-    axis.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    axis.grid(alpha=0.3)
-    axis.legend()
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for axis, x_index, xlabel in ((axes[0], 0, "step"), (axes[1], 1, "seconds since the run's first logged event")):
+        for label, points in curves.items():
+            axis.plot([point[x_index] for point in points], [point[2] for point in points], marker="o", markersize=3, label=label)
+        axis.set(xlabel=xlabel)
+        axis.grid(alpha=0.3)
+    axes[0].set(ylabel=ylabel)
+    axes[1].legend()
+    figure.suptitle(title)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)

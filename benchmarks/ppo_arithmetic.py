@@ -82,7 +82,7 @@ def main() -> None:
         for seed in SEEDS:
             run = runs[variant, seed]
             accuracy, kl, sps = (run["scalars"][tag] for tag in ("charts/eval_accuracy", "objective/kl", "charts/SPS"))
-            curves[f"{'RM' if variant.startswith('learned') else 'exact match'}, seed {seed}"] = [(t, a) for _, t, a in accuracy]
+            curves[f"{'RM' if variant.startswith('learned') else 'exact match'}, seed {seed}"] = accuracy
             values = {
                 "start": accuracy[0][2],
                 "final": accuracy[-1][2],
@@ -111,9 +111,7 @@ def main() -> None:
             ]
         )
 
-    harness.plot_curves(
-        curves, harness.RESULTS / "ppo_arithmetic.png", "PPO on 2-digit addition", "seconds of PPO", "held-out greedy accuracy"
-    )
+    harness.plot_curves(curves, harness.RESULTS / "ppo_arithmetic.png", "PPO on 2-digit addition", "held-out greedy accuracy")
     headers = ["reward", "accuracy before", "accuracy after", "gain", "final KL (nats/seq)", "max KL", "wall s", "s/step", "peak RSS MB"]
     text = (
         "# PPO on 2-digit addition\n\n"

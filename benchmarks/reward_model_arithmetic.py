@@ -27,7 +27,7 @@ def main() -> None:
         accuracy = result["scalars"]["charts/eval_accuracy"]
         sps = result["scalars"]["charts/SPS"][-1][2]
         reached = next((f"{seconds:.0f}s (step {step})" for step, seconds, value in accuracy if value >= BAR_ACCURACY), "never")
-        curves[f"seed {seed}"] = [(step, value) for step, _, value in accuracy]
+        curves[f"seed {seed}"] = accuracy
         finals.append(accuracy[-1][2])
         walls.append(result["wall_s"])
         step_times.append(1 / sps)
@@ -49,7 +49,7 @@ def main() -> None:
     ]
     passed = statistics.median(finals) >= BAR_ACCURACY and statistics.median(walls) <= BAR_SECONDS
     plot = harness.RESULTS / "reward_model_arithmetic.png"
-    harness.plot_curves(curves, plot, "reward model: held-out pair accuracy (near-miss arithmetic)", "step", "pair accuracy")
+    harness.plot_curves(curves, plot, "reward model: held-out pair accuracy (near-miss arithmetic)", "pair accuracy")
     text = (
         "# Reward model on arithmetic near-miss preferences\n\n"
         "`python reward_model.py --model checkpoints/sft --seed S` (default flags), seeds "
@@ -58,7 +58,7 @@ def main() -> None:
         "Wall time includes start-up (imports, loading, tokenising) and the final save.\n\n"
         + harness.markdown_table(headers, rows + [summary])
         + f"\nBar (median final accuracy >= {BAR_ACCURACY} within {BAR_SECONDS} s): {'met' if passed else 'NOT met'}.\n\n"
-        f"![held-out pair accuracy per step]({plot.name})\n"
+        f"![held-out pair accuracy against steps and wall time]({plot.name})\n"
     )
     harness.write_result("reward_model_arithmetic.md", text)
     print(f"plot: {plot}")
