@@ -8,6 +8,10 @@ Per run: median seconds per optimizer step (ours: from the wall times of its per
 events; TRL: a TrainerCallback around each step), peak resident memory of the process (os.wait4),
 and the quality after the same number of steps, measured the same way for both from the saved
 checkpoints (held-out greedy accuracy for GRPO and DPO, held-out pair accuracy for the reward model).
+DPO and the reward model are controlled runs: both sides train on the same pairs in the same order
+(ours shuffles with torch.randperm(seed); the TRL runner feeds TRL that permutation with a sequential
+sampler), and both reward models start from the same weights (one new head, drawn as reward_model.py
+draws it, saved once per seed), so what differs is the implementation, not the luck of the draw.
 Writes benchmarks/results/trl_comparison.md.
 """
 
@@ -59,8 +63,10 @@ def ours_command(algorithm: str, seed: int, steps: int, model: str, output_dir: 
         flags += ["--temperature", "1.0", "--num-iterations", "1", "--scale-rewards", "group", "--epsilon", "0.2"]
         return "grpo.py", common_flags + flags
     if algorithm == "dpo":
-        # plain sigmoid DPO on both sides: TRL adds no NLL term by default, ours does unless --sft-coef 0
-        return "dpo.py", common_flags + ["--batch-size", str(s["batch_size"]), "--beta", str(s["dpo_beta"]), "--sft-coef", "0"]
+        # plain sigmoid DPO on both sides: TRL adds no NLL term by default, ours does unless --sft-coef 0.
+        # --num-pairs steps x batch: the pairs TRL gets (trl_runners.preference_pairs), one pass over them
+        flags = ["--batch-size", str(s["batch_size"]), "--beta", str(s["dpo_beta"]), "--sft-coef", "0"]
+        return "dpo.py", common_flags + flags + ["--num-pairs", str(steps * s["batch_size"])]
     return "reward_model.py", common_flags + ["--batch-size", str(s["batch_size"]), "--center-rewards-coefficient", "0"]
 
 
@@ -74,6 +80,21 @@ def ours_step_seconds(scalars: dict) -> float:
     series = max(scalars.values(), key=len)
     times = [t for _, t, _ in series]
     return statistics.median(b - a for a, b in zip(times[1:], times[2:]))
+
+
+def initial_reward_model(sft_checkpoint: str, seed: int, folder: str) -> str:
+    """The SFT backbone with a new scalar head drawn as reward_model.py draws it, saved: both sides start from it."""
+    from transformers import AutoModelForSequenceClassification
+
+    import reward_model
+
+    common.seed_everything(seed)
+    tokenizer = common.load_tokenizer(sft_checkpoint)
+    model = common.load_model(sft_checkpoint, AutoModelForSequenceClassification, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    reward_model.init_reward_head(model)
+    common.save_checkpoint(model, tokenizer, folder)
+    return folder
 
 
 def quality(algorithm: str, checkpoint: str) -> float:
@@ -93,26 +114,32 @@ def quality(algorithm: str, checkpoint: str) -> float:
     return (scores[: len(pairs)] > scores[len(pairs) :]).float().mean().item()
 
 
+def run_side(algorithm: str, side: str, seed: int, steps: int, start: str) -> dict:
+    """One run of ours or TRL's: seconds per step, peak resident memory, and quality of the saved checkpoint."""
+    with tempfile.TemporaryDirectory(prefix=f"{algorithm}-{side}-") as output_dir:
+        if side == "ours":
+            script, flags = ours_command(algorithm, seed, steps, start, output_dir)
+            run = harness.run_script(script, flags, echo=False)
+            seconds = ours_step_seconds(run["scalars"])
+        else:
+            run = harness.run_script("benchmarks/trl_runners.py", trl_command(algorithm, seed, steps, start, output_dir), echo=False)
+            seconds = statistics.median(json.loads((Path(output_dir) / "timing.json").read_text())["step_times"][1:])
+        result = {"s_per_step": seconds, "peak_rss_mb": run["peak_rss_mb"], "quality": quality(algorithm, output_dir)}
+    print(f"   {result}", flush=True)
+    return result
+
+
 def main(args: Args) -> None:
     model = harness.ensure_sft_checkpoint(args.model)
     results = {}
     for algorithm in args.algorithms:
         for seed in args.seeds:
-            for side in ("ours", "TRL"):  # alternate, so drift on the shared machine hits both alike
-                with tempfile.TemporaryDirectory(prefix=f"{algorithm}-{side}-") as output_dir:
+            with tempfile.TemporaryDirectory(prefix="initial-reward-model-") as start_dir:
+                # the reward model's new head is drawn once per seed and both sides start from it
+                start = initial_reward_model(model, seed, start_dir) if algorithm == "reward_model" else model
+                for side in ("ours", "TRL"):  # alternate, so drift on the shared machine hits both alike
                     print(f"== {algorithm} seed {seed}: {side}", flush=True)
-                    if side == "ours":
-                        script, flags = ours_command(algorithm, seed, args.steps, model, output_dir)
-                        run = harness.run_script(script, flags, echo=False)
-                        seconds = ours_step_seconds(run["scalars"])
-                    else:
-                        run = harness.run_script(
-                            "benchmarks/trl_runners.py", trl_command(algorithm, seed, args.steps, model, output_dir), echo=False
-                        )
-                        seconds = statistics.median(json.loads((Path(output_dir) / "timing.json").read_text())["step_times"][1:])
-                    result = {"s_per_step": seconds, "peak_rss_mb": run["peak_rss_mb"], "quality": quality(algorithm, output_dir)}
-                    print(f"   {result}", flush=True)
-                    results.setdefault((algorithm, side), []).append(result)
+                    results.setdefault((algorithm, side), []).append(run_side(algorithm, side, seed, args.steps, start))
 
     quality_name = {"grpo": "held-out accuracy", "dpo": "held-out accuracy", "reward_model": "held-out pair accuracy"}
     rows = []
@@ -145,7 +172,8 @@ def main(args: Args) -> None:
         "(below 1 is faster or leaner for time and memory; above 1 is better for quality).\n\n"
         + harness.markdown_table(headers, rows)
         + f"\nSettings given to both sides (DPO: plain sigmoid DPO, ours with `--sft-coef 0`; reference log-probs "
-        f"precomputed on both sides; reward model: no centring term; warm-up 0 and a linear decay everywhere):\n{settings}\n\nEvery run:\n\n"
+        f"precomputed on both sides; reward model: no centring term, both start from the same initial head; DPO and reward model: "
+        f"the same pairs in the same order on both sides; warm-up 0 and a linear decay everywhere):\n{settings}\n\nEvery run:\n\n"
         + harness.markdown_table(
             ["algorithm", "side", "seed", "s/step", "peak MB", "quality"],
             [

@@ -25,7 +25,7 @@ class Args:
     algorithm: tyro.conf.Positional[Literal["grpo", "dpo", "reward_model"]]
     """which TRL trainer to run"""
     model: str = "checkpoints/sft"
-    """starting checkpoint (a causal LM; the reward model gets a new scalar head)"""
+    """starting checkpoint (a causal LM; the reward model gets a new scalar head unless it is a reward model already)"""
     output_dir: str = "/tmp/trl-run"
     """where the final model and timing.json go"""
     seed: int = 1
@@ -56,10 +56,17 @@ class Args:
 
 
 def preference_pairs(args: Args) -> list[dict]:
+    """On arithmetic, the pairs ours trains on, in the order ours visits them: dpo.py and reward_model.py shuffle with
+    torch.randperm(n, generator seeded with --seed); TRL is given that permutation and a sequential sampler."""
+    import torch
+
     if args.dataset == "arithmetic":
-        return common.arithmetic_preference_pairs(args.steps * args.batch_size, args.digits, "train", seed=args.seed)
-    fields = ("prompt", "chosen", "rejected")
-    return [{key: row[key] for key in fields} for row in common.read_jsonl(args.dataset, fields)]
+        pairs = common.arithmetic_preference_pairs(args.steps * args.batch_size, args.digits, "train", seed=args.seed)
+    else:
+        fields = ("prompt", "chosen", "rejected")
+        pairs = [{key: row[key] for key in fields} for row in common.read_jsonl(args.dataset, fields)]
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    return [pairs[i] for i in order]
 
 
 def main(args: Args) -> None:
@@ -138,7 +145,13 @@ def main(args: Args) -> None:
         from trl import DPOConfig, DPOTrainer
 
         pairs = preference_pairs(args)
-        config = DPOConfig(**shared, per_device_train_batch_size=args.batch_size, beta=args.dpo_beta, precompute_ref_log_probs=True)
+        config = DPOConfig(
+            **shared,
+            per_device_train_batch_size=args.batch_size,
+            beta=args.dpo_beta,
+            precompute_ref_log_probs=True,
+            train_sampling_strategy="sequential",  # preference_pairs is already in our order
+        )
         trainer = DPOTrainer(
             model=common.load_model(args.model),
             args=config,
@@ -152,7 +165,7 @@ def main(args: Args) -> None:
         pairs = preference_pairs(args)
         model = common.load_model(args.model, AutoModelForSequenceClassification, num_labels=1)
         model.config.pad_token_id = tokenizer.pad_token_id
-        config = RewardConfig(**shared, per_device_train_batch_size=args.batch_size)
+        config = RewardConfig(**shared, per_device_train_batch_size=args.batch_size, train_sampling_strategy="sequential")
         trainer = RewardTrainer(
             model=model, args=config, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer, callbacks=[StepTimer()]
         )
