@@ -561,7 +561,8 @@ def arithmetic_reward(prompts: list[str], completions: list[str], answer: list[s
 # ----------------------------------------------------------------------------- generation and evaluation
 def decode_completions(tokenizer, completion_ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
     """Text of each completion's real tokens (the mask of `completion_mask`), special tokens dropped."""
-    return [tokenizer.decode(ids[row_mask.bool()], skip_special_tokens=True) for ids, row_mask in zip(completion_ids, mask)]
+    kept = [[token for token, keep in zip(ids, row_mask) if keep] for ids, row_mask in zip(completion_ids.tolist(), mask.tolist())]
+    return tokenizer.batch_decode(kept, skip_special_tokens=True)
 
 
 @torch.no_grad()

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 from hypothesis import settings
+from transformers import LlamaConfig, LlamaForCausalLM
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: a model id fails at once instead of after retries
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -26,3 +27,25 @@ def tiny_checkpoint(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("tiny") / "checkpoint"
     common.save_checkpoint(model, tokenizer, str(path))
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """tiny_model(architecture, tokenizer): a randomly initialised 2-layer `gpt2`, or `llama` (rotary positions,
+    grouped-query attention), so that code meant for any causal LM is checked on two architectures."""
+
+    def build(architecture: str, tokenizer):
+        if architecture == "gpt2":
+            return common.build_tiny_gpt2(tokenizer, n_layer=2, n_embd=32, n_head=2)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+        return LlamaForCausalLM(config)
+
+    return build

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import common
 
@@ -155,24 +155,11 @@ def test_position_ids_from_mask():
     assert common.position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 1, 2, 2, 2]]
 
 
-def tiny_llama(vocab_size: int) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config)
-
-
 @pytest.mark.parametrize("architecture", ["gpt2", "llama"])
-def test_left_padding_matches_unpadded_rows(architecture):
+def test_left_padding_matches_unpadded_rows(architecture, tiny_model):
     torch.manual_seed(0)
     tokenizer = common.build_tiny_tokenizer()
-    model = common.build_tiny_gpt2(tokenizer, n_layer=2, n_embd=32, n_head=2) if architecture == "gpt2" else tiny_llama(len(tokenizer))
+    model = tiny_model(architecture, tokenizer)
     model.eval()
     prompts = ["1+2=", "10+20=", "123+456="]
     batch = tokenizer(prompts, return_tensors="pt", padding=True)

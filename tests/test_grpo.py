@@ -197,6 +197,25 @@ def test_completion_logprobs_match_generation_under_left_padding():
     torch.testing.assert_close(logprobs[mask.bool()], sampled[mask.bool()], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+def test_generate_groups_samples_what_generate_samples_on_repeated_prompts(architecture, tiny_model):
+    torch.manual_seed(0)
+    tokenizer = common.build_tiny_tokenizer()
+    model = tiny_model(architecture, tokenizer).eval()
+    prompt_ids = [tokenizer(prompt)["input_ids"] for prompt in ("12+3=", "1+2=", "123+45=")]
+    prompts = tokenizer.pad({"input_ids": prompt_ids}, return_tensors="pt", padding_side="left")
+    sampling = dict(do_sample=True, top_k=0, top_p=1.0, max_new_tokens=6, return_dict_in_generate=True, output_logits=True)
+    sampling |= dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(1)
+    expected = model.generate(**{key: value.repeat_interleave(4, dim=0) for key, value in prompts.items()}, **sampling)
+    torch.manual_seed(1)
+    shared = grpo.generate_groups(model, prompts, 4, **sampling)
+    assert torch.equal(shared.sequences, expected.sequences)
+    # the logits too: a tiny random model samples the same tokens from slightly wrong logits
+    torch.testing.assert_close(torch.stack(shared.logits), torch.stack(expected.logits), rtol=1e-5, atol=1e-5)
+    assert len({tuple(row) for row in shared.sequences[:4, prompts["input_ids"].size(1) :].tolist()}) > 1  # the copies sample apart
+
+
 # ----------------------------------------------------------------------------- rewards
 @pytest.mark.parametrize(
     "completion, answer, expected",
