@@ -347,29 +347,39 @@ def reward_model_scores(reward_model, input_ids: torch.Tensor, attention_mask: t
     return reward_model.score(last_hidden).squeeze(-1).float()
 
 
+LOGITS_CHUNK_ELEMENTS = 2**24  # 64 MB of float32: the most logits token_logprobs and entropy_from_logits copy at once
+
+
+def _row_chunks(logits: torch.Tensor) -> list[slice]:
+    """Slices of rows of `logits` holding at most LOGITS_CHUNK_ELEMENTS values each (at least one row): the float32
+    copy of a chunk stays bounded whatever the vocabulary, while a small model's whole batch is one chunk."""
+    rows_per_chunk = max(1, LOGITS_CHUNK_ELEMENTS // max(1, logits[0].numel()))
+    return [slice(start, start + rows_per_chunk) for start in range(0, logits.size(0), rows_per_chunk)]
+
+
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log pi(token_t | context) = logits_t[token_t] / T - logsumexp(logits_t / T), shape (batch, length).
 
     The logits are divided by the sampling temperature T so the log-probs are those of the
-    distribution the tokens were sampled from. Memory-light: rows are processed one at a time and
+    distribution the tokens were sampled from. Memory-light: rows are processed a chunk at a time and
     only the chosen token's logit and the log-normaliser are kept, never the full log-softmax.
     Computed in float32 whatever the logits' dtype.
     """
-    rows = []
-    for row_logits, row_tokens in zip(logits, tokens):
-        row_logits = row_logits.float() / temperature
-        chosen = row_logits.gather(-1, row_tokens.unsqueeze(-1)).squeeze(-1)
-        rows.append(chosen - torch.logsumexp(row_logits, dim=-1))
-    return torch.stack(rows)
+    parts = []
+    for rows in _row_chunks(logits):
+        chunk = logits[rows].float() / temperature
+        chosen = chunk.gather(-1, tokens[rows].unsqueeze(-1)).squeeze(-1)
+        parts.append(chosen - torch.logsumexp(chunk, dim=-1))
+    return torch.cat(parts)
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """H_t = -sum_v p_v log p_v of the temperature-scaled distribution at every position, shape (batch, length)."""
-    rows = []
-    for row_logits in logits:
-        logp = F.log_softmax(row_logits.float() / temperature, dim=-1)
-        rows.append(-(logp.exp() * logp).sum(-1))
-    return torch.stack(rows)
+    parts = []
+    for rows in _row_chunks(logits):
+        logp = F.log_softmax(logits[rows].float() / temperature, dim=-1)
+        parts.append(-(logp.exp() * logp).sum(-1))
+    return torch.cat(parts)
 
 
 def completion_mask(completion_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -285,23 +285,50 @@ def generate_groups(model, prompts: dict, group_size: int, **generate_kwargs) ->
     return model.generate(**repeated, past_key_values=cache, **generate_kwargs)
 
 
-def completion_logprobs(model, input_ids, attention_mask, prompt_length: int, temperature: float):
-    """log pi(o_t | q, o_<t) of every completion token at the sampling temperature, and the logits that predict them."""
+def completion_logprobs(model, input_ids, attention_mask, prompt_length: int, temperature: float, group_size: int = 1):
+    """log pi(o_t | q, o_<t) of every completion token at the sampling temperature, and the logits that predict them.
+
+    group_size > 1: the rows are groups of G consecutive completions of one prompt (as generate_groups returns
+    them), so, as in generation, the prompt runs once per group and its key/value cache is copied G times; the
+    gradients of the G copies add up in that one pass. The same log-probs and gradients as a pass over every row
+    (a test checks it), for the prompt tokens of one row per group instead of G.
+    """
     completion_length = input_ids.size(1) - prompt_length
-    logits = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=common.position_ids_from_mask(attention_mask),
-        logits_to_keep=completion_length + 1,  # only the positions that predict completion tokens
-    ).logits[:, :-1]
+    position_ids = common.position_ids_from_mask(attention_mask)
+    cache = None
+    if group_size > 1 and prompt_length > 1:
+        prefix = slice(0, prompt_length - 1)  # the prompt's last token runs with the completion: its logits predict o_1
+        cache = model(
+            input_ids=input_ids[::group_size, prefix],
+            attention_mask=attention_mask[::group_size, prefix],
+            position_ids=position_ids[::group_size, prefix],
+            use_cache=True,
+            logits_to_keep=1,
+        ).past_key_values
+    if hasattr(cache, "batch_repeat_interleave"):
+        cache.batch_repeat_interleave(group_size)
+        rest = slice(prompt_length - 1, None)
+        logits = model(
+            input_ids=input_ids[:, rest],
+            attention_mask=attention_mask,
+            position_ids=position_ids[:, rest],
+            past_key_values=cache,
+            use_cache=True,
+        ).logits[:, :-1]
+    else:  # every row whole; only the positions that predict completion tokens get logits
+        logits = model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=completion_length + 1
+        ).logits[:, :-1]
     return common.token_logprobs(logits, input_ids[:, prompt_length:], temperature), logits
 
 
 @torch.no_grad()
-def frozen_logprobs(policy, input_ids, attention_mask, prompt_length: int, temperature: float, micro_batch_size: int):
+def frozen_logprobs(policy, input_ids, attention_mask, prompt_length: int, temperature: float, micro_batch_size: int, group_size: int):
     """completion_logprobs without gradients, micro-batch by micro-batch: pi_ref, and pi_old when mu > 1."""
     chunks = [slice(i, i + micro_batch_size) for i in range(0, input_ids.size(0), micro_batch_size)]
-    return torch.cat([completion_logprobs(policy, input_ids[c], attention_mask[c], prompt_length, temperature)[0] for c in chunks])
+    return torch.cat(
+        [completion_logprobs(policy, input_ids[c], attention_mask[c], prompt_length, temperature, group_size)[0] for c in chunks]
+    )
 
 
 def policy_update(model, optimizer, scheduler, reference, rollout: dict, args: Args) -> dict[str, float]:
@@ -312,17 +339,21 @@ def policy_update(model, optimizer, scheduler, reference, rollout: dict, args: A
     every normaliser is the whole batch's, so the processes' gradients add up to the gradient of the batch loss.
     """
     num_tokens = common.all_reduce_sum(rollout["mask"].sum()).clamp(min=1)
-    # The rows that enter the update. With beta = 0 a completion whose advantage is 0 (its whole group scored the
-    # same) adds exactly nothing to the loss or its gradient, so it is left out of every forward/backward pass. The
-    # normalisers (the batch size and num_tokens given to grpo_loss) still count it, so the loss is unchanged; often
-    # most groups are constant. Reference and old log-probs are computed once per rollout, on these rows; with mu = 1
-    # the old policy is the current one (rho = 1) and needs no pass of its own.
+    # The rows that enter the update. With beta = 0 a completion whose advantage is 0 adds exactly nothing to the loss
+    # or its gradient, so a group whose rewards are all equal (all its advantages 0) is left out of every
+    # forward/backward pass. The normalisers (the batch size and num_tokens given to grpo_loss) still count it, so
+    # the loss is unchanged; often most groups are constant. Whole groups are kept or left out, so a micro-batch of
+    # whole groups runs each prompt once (completion_logprobs). Reference and old log-probs are computed once per
+    # rollout, on these rows; with mu = 1 the old policy is the current one (rho = 1) and needs no pass of its own.
     advantages = rollout["advantages"]
-    update_rows = torch.arange(advantages.size(0), device=advantages.device) if args.beta != 0.0 else advantages.nonzero().squeeze(1)
+    group_has_signal = advantages.view(-1, args.group_size).ne(0).any(dim=1) | (args.beta != 0.0)
+    update_rows = group_has_signal.repeat_interleave(args.group_size).nonzero().squeeze(1)
     input_ids, attention_mask = rollout["input_ids"][update_rows], rollout["attention_mask"][update_rows]
     mask, advantages = rollout["mask"][update_rows], advantages[update_rows]
     micro_batches = [slice(i, i + args.micro_batch_size) for i in range(0, len(update_rows), args.micro_batch_size)]
-    frozen = (input_ids, attention_mask, rollout["prompt_length"], args.temperature, args.micro_batch_size)
+    # one prompt pass per group when micro-batches hold whole groups; not under gradient checkpointing, which keeps no cache
+    shared = args.group_size if args.micro_batch_size % args.group_size == 0 and not args.gradient_checkpointing else 1
+    frozen = (input_ids, attention_mask, rollout["prompt_length"], args.temperature, args.micro_batch_size, shared)
     ref_logprobs = None
     if args.beta != 0.0:  # pi_ref: the frozen copy, or with LoRA the same model with its adapters switched off
         with model.disable_adapter() if args.lora_r else contextlib.nullcontext():
@@ -337,7 +368,9 @@ def policy_update(model, optimizer, scheduler, reference, rollout: dict, args: A
     for _ in range(args.num_iterations):
         optimizer.zero_grad(set_to_none=False)  # zeros, not None: a step with no updated rows still applies Adam's momentum
         for mb in micro_batches:
-            logprobs, logits = completion_logprobs(model, input_ids[mb], attention_mask[mb], rollout["prompt_length"], args.temperature)
+            logprobs, logits = completion_logprobs(
+                model, input_ids[mb], attention_mask[mb], rollout["prompt_length"], args.temperature, shared
+            )
             old = logprobs.detach() if old_logprobs is None else old_logprobs[mb]
             ref = None if ref_logprobs is None else ref_logprobs[mb]
             loss, metrics = grpo_loss(
@@ -456,7 +489,8 @@ def main(args: Args) -> None:
 
     train_rows, eval_rows = load_rows(args)
     total_updates = args.total_steps * args.num_iterations
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=0.0)
+    # fused=True: one kernel updates every parameter tensor (the same AdamW step without a Python loop over tensors; HF Trainer's default)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=0.0, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda update: min((update + 1) / max(1, args.warmup_steps), 1.0 - update / total_updates)
     )

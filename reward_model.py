@@ -240,7 +240,8 @@ def main(args: Args) -> None:
     train_pairs = [pair[:2] for pair in train_pairs]
     margins = torch.tensor([float(row.get("margin", 0.0)) for row in train_rows], device=device)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    # fused=True: one kernel updates every parameter tensor (the same AdamW step without a Python loop over tensors; HF Trainer's default)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: min(

@@ -95,7 +95,7 @@ def main(args: Args) -> None:
     ratio = statistics.median(by_side[("GRPO", "ours (grpo.py)")]) / statistics.median(by_side[("GRPO", "TRL GRPOTrainer")])
     text = (
         "# SmolLM2-135M-Instruct on this CPU\n\n"
-        f"Command: `python benchmarks/smollm2.py --steps {args.steps}`. GRPO: 2 prompts x 8 completions of <= 24 tokens, "
+        f"Command: `python benchmarks/smollm2.py --steps {args.steps} --seeds {' '.join(map(str, args.seeds))}`. GRPO: 2 prompts x 8 completions of <= 24 tokens, "
         "chat template, final-answer reward, beta 0, per-completion (`grpo`) normalisation on both sides. "
         "DPO and reward model: 4 pairs per step in the chat template.\n\n"
         + harness.markdown_table(["algorithm", "implementation", "seed", "s/step", "peak RSS MB"], rows)

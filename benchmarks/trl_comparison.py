@@ -4,8 +4,9 @@ ours and TRL's run alternately in one invocation, each in its own process.
     pip install -r benchmarks/requirements-bench.txt
     python benchmarks/trl_comparison.py                 # grpo, dpo and reward_model, 3 seeds each
 
-Per run: median seconds per optimizer step (ours: from the wall times of its per-step TensorBoard
-events; TRL: a TrainerCallback around each step), peak resident memory of the process (os.wait4),
+Per run: median seconds per optimizer step, the whole training loop included on both sides (ours: the gaps
+between its per-step TensorBoard events; TRL: the gaps between TrainerCallback.on_step_end calls), the first
+step left out, peak resident memory of the process (VmHWM),
 and the quality after the same number of steps, measured the same way for both from the saved
 checkpoints (held-out greedy accuracy for GRPO and DPO, held-out pair accuracy for the reward model).
 DPO and the reward model are controlled runs: both sides train on the same pairs in the same order
@@ -43,6 +44,7 @@ class Args:
 
 
 # The hyper-parameters both sides get, set explicitly where the two projects' defaults differ.
+# Everywhere: no gradient checkpointing (TRL's configs turn it on by default; trl_runners turns it off).
 # GRPO: 16 prompts x 8 completions of <= 5 tokens, beta 0 (no reference model), the per-completion "grpo"
 # normalisation (TRL's default is "dapo"), group std scaling, one update per rollout, temperature 1.
 # DPO: plain sigmoid DPO, reference log-probs precomputed on both sides. Reward model: no centring term.
@@ -63,9 +65,10 @@ def ours_command(algorithm: str, seed: int, steps: int, model: str, output_dir: 
         flags += ["--temperature", "1.0", "--num-iterations", "1", "--scale-rewards", "group", "--epsilon", "0.2"]
         return "grpo.py", common_flags + flags
     if algorithm == "dpo":
-        # plain sigmoid DPO on both sides: TRL adds no NLL term by default, ours does unless --sft-coef 0.
+        # plain sigmoid DPO on both sides: TRL adds no NLL term by default, ours does unless --sft-coef 0; and TRL's
+        # weight decay (0; dpo.py's default is torch's 0.01)
         # --num-pairs steps x batch: the pairs TRL gets (trl_runners.preference_pairs), one pass over them
-        flags = ["--batch-size", str(s["batch_size"]), "--beta", str(s["dpo_beta"]), "--sft-coef", "0"]
+        flags = ["--batch-size", str(s["batch_size"]), "--beta", str(s["dpo_beta"]), "--sft-coef", "0", "--weight-decay", "0"]
         return "dpo.py", common_flags + flags + ["--num-pairs", str(steps * s["batch_size"])]
     return "reward_model.py", common_flags + ["--batch-size", str(s["batch_size"]), "--center-rewards-coefficient", "0"]
 
@@ -171,7 +174,7 @@ def main(args: Args) -> None:
         f"Command: `python benchmarks/trl_comparison.py --steps {args.steps}`. Ratios are ours / TRL "
         "(below 1 is faster or leaner for time and memory; above 1 is better for quality).\n\n"
         + harness.markdown_table(headers, rows)
-        + f"\nSettings given to both sides (DPO: plain sigmoid DPO, ours with `--sft-coef 0`; reference log-probs "
+        + f"\nSettings given to both sides (no gradient checkpointing, which TRL's configs turn on by default; fused AdamW; DPO: plain sigmoid DPO, ours with `--sft-coef 0 --weight-decay 0`; reference log-probs "
         f"precomputed on both sides; reward model: no centring term, both start from the same initial head; DPO and reward model: "
         f"the same pairs in the same order on both sides; warm-up 0 and a linear decay everywhere):\n{settings}\n\nEvery run:\n\n"
         + harness.markdown_table(

@@ -1,6 +1,7 @@
 import copy
 import json
 import random
+from unittest import mock
 
 import pytest
 import torch
@@ -103,13 +104,16 @@ def test_tiny_checkpoint_loads_and_generates(tiny_checkpoint):
     vocab=st.integers(2, 50),
     temperature=st.floats(0.1, 3.0),
     seed=st.integers(0, 10_000),
+    chunk_elements=st.sampled_from([1, 40, 2**24]),
 )
-def test_token_logprobs_matches_log_softmax(batch, length, vocab, temperature, seed):
+def test_token_logprobs_and_entropy_match_log_softmax(batch, length, vocab, temperature, seed, chunk_elements):
     generator = torch.Generator().manual_seed(seed)
     logits = torch.randn(batch, length, vocab, generator=generator) * 5
     tokens = torch.randint(0, vocab, (batch, length), generator=generator)
-    expected = F.log_softmax(logits / temperature, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    torch.testing.assert_close(common.token_logprobs(logits, tokens, temperature), expected, rtol=1e-5, atol=1e-5)
+    logp = F.log_softmax(logits / temperature, dim=-1)
+    with mock.patch.object(common, "LOGITS_CHUNK_ELEMENTS", chunk_elements):  # one row, a few rows, or all at once
+        torch.testing.assert_close(common.token_logprobs(logits, tokens, temperature), logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1))
+        torch.testing.assert_close(common.entropy_from_logits(logits, temperature), -(logp.exp() * logp).sum(-1))
 
 
 def test_token_logprobs_is_float32_for_bf16_logits():

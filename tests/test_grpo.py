@@ -216,6 +216,31 @@ def test_generate_groups_samples_what_generate_samples_on_repeated_prompts(archi
     assert len({tuple(row) for row in shared.sequences[:4, prompts["input_ids"].size(1) :].tolist()}) > 1  # the copies sample apart
 
 
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+def test_one_prompt_pass_per_group_gives_the_same_logprobs_and_gradients(architecture, tiny_model):
+    torch.manual_seed(0)
+    tokenizer = common.build_tiny_tokenizer()
+    model = tiny_model(architecture, tokenizer)
+    prompts = tokenizer.pad({"input_ids": [tokenizer(p)["input_ids"] for p in ("12+3=", "1+2=")]}, return_tensors="pt", padding_side="left")
+    sequences = grpo.generate_groups(
+        model.eval(), prompts, 3, do_sample=True, top_k=0, max_new_tokens=5, pad_token_id=tokenizer.pad_token_id
+    )
+    prompt_length = prompts["input_ids"].size(1)
+    mask, _ = common.completion_mask(sequences[:, prompt_length:], tokenizer.eos_token_id)
+    attention_mask = torch.cat([prompts["attention_mask"].repeat_interleave(3, dim=0), mask], dim=1)
+    weights = torch.randn(mask.shape)
+    results = []
+    for group_size in (1, 3):
+        model.train().zero_grad()
+        logprobs, _ = grpo.completion_logprobs(model, sequences, attention_mask, prompt_length, 0.7, group_size)
+        (logprobs * weights * mask).sum().backward()
+        results.append((logprobs[mask.bool()], [p.grad.clone() for p in model.parameters()]))
+    (every_row, every_row_gradient), (shared, shared_gradient) = results
+    torch.testing.assert_close(shared, every_row, rtol=1e-5, atol=1e-5)
+    for ours, expected in zip(shared_gradient, every_row_gradient):
+        torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- rewards
 @pytest.mark.parametrize(
     "completion, answer, expected",
