@@ -30,7 +30,7 @@ class Args:
     """optimizer steps per run (the first is not timed)"""
     model: str = "checkpoints/smollm2-135m-instruct"
     """where the converted model is (converted if missing)"""
-    seeds: tuple[int, ...] = (1,)
+    seeds: tuple[int, ...] = (1, 2, 3)
 
 
 def write_data(folder: Path, rows: int = 200) -> tuple[str, str]:
