@@ -315,7 +315,7 @@ def completion_logprobs(model, input_ids, attention_mask, prompt_length: int, te
             past_key_values=cache,
             use_cache=True,
         ).logits[:, :-1]
-    else:  # every row whole; only the positions that predict completion tokens get logits
+    else:  # every row whole (also for a cache that cannot be copied row by row); logits only where they predict o_t
         logits = model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=completion_length + 1
         ).logits[:, :-1]
