@@ -258,30 +258,35 @@ def grpo_loss(
     return loss, metrics
 
 
+def group_prompt_cache(model, prompt_ids, prompt_mask, group_size: int):
+    """The key/value cache of each left-padded prompt but its last token, computed once per prompt and copied to
+    the G = group_size rows of its group (vLLM calls this prefix caching). None when there is nothing to share
+    (one-token prompts) or the model's cache cannot be copied row by row; gradients flow through the copies."""
+    if prompt_ids.size(1) < 2:
+        return None
+    cache = model(
+        input_ids=prompt_ids[:, :-1],
+        attention_mask=prompt_mask[:, :-1],
+        position_ids=common.position_ids_from_mask(prompt_mask[:, :-1]),
+        use_cache=True,
+        logits_to_keep=1,
+    ).past_key_values
+    if not hasattr(cache, "batch_repeat_interleave"):
+        return None
+    cache.batch_repeat_interleave(group_size)
+    return cache
+
+
 @torch.no_grad()
 def generate_groups(model, prompts: dict, group_size: int, **generate_kwargs) -> torch.Tensor:
     """Sample G = group_size completions of each left-padded prompt: (prompts x G) rows of prompt + completion ids,
     the G rows of a prompt consecutive, exactly what `model.generate` returns on G copies of each prompt.
 
-    The G completions of a prompt share it, so its key/value cache is computed once, on one row, and copied G
-    times (vLLM calls this prefix caching); `generate` then runs only the prompt's last token on the G copies and
-    samples from there. The prefill costs 1/G as much; the samples are the same (a test checks it).
+    The G completions of a prompt share it, so its cache is computed once (group_prompt_cache) and `generate` runs
+    only the prompt's last token on the G copies. The prefill costs 1/G as much; the samples are the same (tested).
     """
     repeated = {key: value.repeat_interleave(group_size, dim=0) for key, value in prompts.items()}
-    input_ids, attention_mask = prompts["input_ids"], prompts["attention_mask"]
-    if input_ids.size(1) < 2:  # nothing before the last token to share
-        return model.generate(**repeated, **generate_kwargs)
-    prefix = model(
-        input_ids=input_ids[:, :-1],
-        attention_mask=attention_mask[:, :-1],
-        position_ids=common.position_ids_from_mask(attention_mask)[:, :-1],
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    cache = prefix.past_key_values
-    if not hasattr(cache, "batch_repeat_interleave"):  # a cache that cannot be copied row by row: no sharing
-        return model.generate(**repeated, **generate_kwargs)
-    cache.batch_repeat_interleave(group_size)
+    cache = group_prompt_cache(model, prompts["input_ids"], prompts["attention_mask"], group_size)
     return model.generate(**repeated, past_key_values=cache, **generate_kwargs)
 
 
@@ -289,24 +294,14 @@ def completion_logprobs(model, input_ids, attention_mask, prompt_length: int, te
     """log pi(o_t | q, o_<t) of every completion token at the sampling temperature, and the logits that predict them.
 
     group_size > 1: the rows are groups of G consecutive completions of one prompt (as generate_groups returns
-    them), so, as in generation, the prompt runs once per group and its key/value cache is copied G times; the
-    gradients of the G copies add up in that one pass. The same log-probs and gradients as a pass over every row
-    (a test checks it), for the prompt tokens of one row per group instead of G.
+    them), so, as in generation, each prompt runs once (group_prompt_cache) and the gradients of its G copies add
+    up in that one pass: the same log-probs and gradients as a pass over every row (tested), for 1/G of the prompt.
     """
     completion_length = input_ids.size(1) - prompt_length
     position_ids = common.position_ids_from_mask(attention_mask)
-    cache = None
-    if group_size > 1 and prompt_length > 1:
-        prefix = slice(0, prompt_length - 1)  # the prompt's last token runs with the completion: its logits predict o_1
-        cache = model(
-            input_ids=input_ids[::group_size, prefix],
-            attention_mask=attention_mask[::group_size, prefix],
-            position_ids=position_ids[::group_size, prefix],
-            use_cache=True,
-            logits_to_keep=1,
-        ).past_key_values
-    if hasattr(cache, "batch_repeat_interleave"):
-        cache.batch_repeat_interleave(group_size)
+    group_prompts = slice(None, None, group_size), slice(None, prompt_length)  # the first row of each group, its prompt
+    cache = group_prompt_cache(model, input_ids[group_prompts], attention_mask[group_prompts], group_size) if group_size > 1 else None
+    if cache is not None:  # the prompt's last token runs with the completion: its logits predict o_1
         rest = slice(prompt_length - 1, None)
         logits = model(
             input_ids=input_ids[:, rest],
@@ -315,7 +310,7 @@ def completion_logprobs(model, input_ids, attention_mask, prompt_length: int, te
             past_key_values=cache,
             use_cache=True,
         ).logits[:, :-1]
-    else:  # every row whole (also for a cache that cannot be copied row by row); logits only where they predict o_t
+    else:  # every row whole; only the positions that predict completion tokens get logits
         logits = model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=completion_length + 1
         ).logits[:, :-1]
@@ -346,14 +341,16 @@ def policy_update(model, optimizer, scheduler, reference, rollout: dict, args: A
     # whole groups runs each prompt once (completion_logprobs). Reference and old log-probs are computed once per
     # rollout, on these rows; with mu = 1 the old policy is the current one (rho = 1) and needs no pass of its own.
     advantages = rollout["advantages"]
-    group_has_signal = advantages.view(-1, args.group_size).ne(0).any(dim=1) | (args.beta != 0.0)
-    update_rows = group_has_signal.repeat_interleave(args.group_size).nonzero().squeeze(1)
+    keep_group = advantages.view(-1, args.group_size).ne(0).any(dim=1)
+    if args.beta != 0.0:  # the KL term has a gradient on every row
+        keep_group[:] = True
+    update_rows = keep_group.repeat_interleave(args.group_size).nonzero().squeeze(1)
     input_ids, attention_mask = rollout["input_ids"][update_rows], rollout["attention_mask"][update_rows]
     mask, advantages = rollout["mask"][update_rows], advantages[update_rows]
     micro_batches = [slice(i, i + args.micro_batch_size) for i in range(0, len(update_rows), args.micro_batch_size)]
     # one prompt pass per group when micro-batches hold whole groups; not under gradient checkpointing, which keeps no cache
-    shared = args.group_size if args.micro_batch_size % args.group_size == 0 and not args.gradient_checkpointing else 1
-    frozen = (input_ids, attention_mask, rollout["prompt_length"], args.temperature, args.micro_batch_size, shared)
+    rows_per_prompt = args.group_size if args.micro_batch_size % args.group_size == 0 and not args.gradient_checkpointing else 1
+    frozen = (input_ids, attention_mask, rollout["prompt_length"], args.temperature, args.micro_batch_size, rows_per_prompt)
     ref_logprobs = None
     if args.beta != 0.0:  # pi_ref: the frozen copy, or with LoRA the same model with its adapters switched off
         with model.disable_adapter() if args.lora_r else contextlib.nullcontext():
@@ -369,7 +366,7 @@ def policy_update(model, optimizer, scheduler, reference, rollout: dict, args: A
         optimizer.zero_grad(set_to_none=False)  # zeros, not None: a step with no updated rows still applies Adam's momentum
         for mb in micro_batches:
             logprobs, logits = completion_logprobs(
-                model, input_ids[mb], attention_mask[mb], rollout["prompt_length"], args.temperature, shared
+                model, input_ids[mb], attention_mask[mb], rollout["prompt_length"], args.temperature, rows_per_prompt
             )
             old = logprobs.detach() if old_logprobs is None else old_logprobs[mb]
             ref = None if ref_logprobs is None else ref_logprobs[mb]
