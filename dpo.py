@@ -1,5 +1,6 @@
 # Direct Preference Optimization (DPO): preference pairs, no reward model, no critic, no rollouts. README.md, section "DPO".
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -225,17 +226,23 @@ def chosen_nll(policy_chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor, 
 
 @torch.no_grad()
 def reference_logprobs(model, tokenized: list[tuple], batch_size: int, pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log pi_ref(y_w|x), log pi_ref(y_l|x)) of every pair, computed once before training with the frozen reference."""
+    """(log pi_ref(y_w|x), log pi_ref(y_l|x)) of every pair, computed once before training with the frozen reference.
+
+    Under torchrun each process computes a contiguous share of the pairs and the shares are gathered, so every
+    process ends with all of them for 1 / world_size of the work.
+    """
+    rank, world_size = common.world()
+    share = math.ceil(len(tokenized) / world_size)
+    own_pairs = tokenized[rank * share : (rank + 1) * share]  # the last share may be shorter, or empty
     was_training = model.training
     model.eval()
-    chosen, rejected = [], []
-    for start in range(0, len(tokenized), batch_size):
-        batch = collate(tokenized[start : start + batch_size], pad_token_id, device)
-        chosen_logps, rejected_logps = concatenated_forward(model, batch)
-        chosen.append(chosen_logps)
-        rejected.append(rejected_logps)
+    own_logps = torch.zeros(share, 2, device=device)  # padded to `share` rows: all_gather needs one shape everywhere
+    for start in range(0, len(own_pairs), batch_size):
+        batch = collate(own_pairs[start : start + batch_size], pad_token_id, device)
+        own_logps[start : start + batch_size] = torch.stack(concatenated_forward(model, batch), dim=1)
     model.train(was_training)
-    return torch.cat(chosen), torch.cat(rejected)
+    all_logps = common.all_gather(own_logps)[: len(tokenized)]
+    return all_logps[:, 0], all_logps[:, 1]
 
 
 def validate(args: Args) -> None:
@@ -291,8 +298,8 @@ def main(args: Args) -> None:
     tokenized = [ids[:3] for ids in tokenized]
     eval_rows = common.arithmetic_eval_set(args.eval_size, args.digits) if args.dataset == "arithmetic" else []
 
-    # the reference pi_ref is the starting policy, frozen. By default its log-probs are computed once here (by every
-    # process, for every pair), so no second model stays in memory; --keep-reference-model runs a frozen copy every
+    # the reference pi_ref is the starting policy, frozen. By default its log-probs are computed once here (each
+    # process its share of the pairs), so no second model stays in memory; --keep-reference-model runs a frozen copy every
     # step instead (the same numbers, up to rounding). With LoRA that copy is the model itself with its adapters switched off.
     if args.keep_reference_model:
         ref_model = (

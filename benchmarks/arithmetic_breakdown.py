@@ -6,7 +6,10 @@ the held-out set and on training-split problems:
 
 - greedy exact-match accuracy on "short" prompts (an operand with fewer digits) and on "long" ones;
 - accuracy of samples at --temperature, --group-size per problem, and the fraction of problems whose whole
-  group is wrong (a GRPO group with zero advantage: no learning signal for that problem).
+  group is wrong (a GRPO group with zero advantage: no learning signal for that problem);
+- on the near-miss preference pairs of the same problems (what reward_model.py and dpo.py train and evaluate
+  on), how often the model's own log-likelihood ranks the correct answer above the near miss: the ranking a
+  reward model started from this checkpoint has to learn to read out at its last token.
 
     python benchmarks/arithmetic_breakdown.py --checkpoints checkpoints/sft checkpoints/grpo
 """
@@ -64,18 +67,46 @@ def sampled_rewards(model, tokenizer, problems: list[dict], group_size: int, tem
     return torch.tensor(rewards).view(len(problems), group_size)
 
 
+@torch.no_grad()
+def likelihood_prefers_chosen(model, tokenizer, pairs: list[dict]) -> torch.Tensor:
+    """Per pair: log pi(chosen + EOS | prompt) > log pi(rejected + EOS | prompt), summed over the completion tokens."""
+    prompt_ids = [common.tokenize_prompt(tokenizer, pair["prompt"]) for pair in pairs]
+
+    def completion_logprob(key: str) -> torch.Tensor:
+        completion_ids = [tokenizer(pair[key], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for pair in pairs]
+        sequences = [prompt + completion for prompt, completion in zip(prompt_ids, completion_ids)]
+        batch = tokenizer.pad({"input_ids": sequences}, return_tensors="pt", padding_side="right")
+        position_ids = common.position_ids_from_mask(batch["attention_mask"])
+        logits = model(**batch, position_ids=position_ids).logits[:, :-1]
+        logprobs = common.token_logprobs(logits, batch["input_ids"][:, 1:])  # logprobs[:, t] is of token t + 1
+        starts = torch.tensor([len(prompt) - 1 for prompt in prompt_ids])
+        ends = starts + torch.tensor([len(completion) for completion in completion_ids])
+        positions = torch.arange(logprobs.size(1))
+        return (logprobs * ((positions >= starts[:, None]) & (positions < ends[:, None]))).sum(dim=1)
+
+    return completion_logprob("chosen") > completion_logprob("rejected")
+
+
 def main(args: Args) -> None:
+    # the pairs' problems are the split's problems (same split and seed), each with a near-miss rejected answer
     splits = {
-        "held-out": common.arithmetic_eval_set(args.size, args.digits),
-        "train": common.arithmetic_problems(args.size, args.digits, "train", seed=999),
+        "held-out": (
+            common.arithmetic_eval_set(args.size, args.digits),
+            common.arithmetic_preference_pairs(args.size, args.digits, "test", seed=1234),
+        ),
+        "train": (
+            common.arithmetic_problems(args.size, args.digits, "train", seed=999),
+            common.arithmetic_preference_pairs(args.size, args.digits, "train", seed=999),
+        ),
     }
     print(
-        "| checkpoint | split | greedy all | greedy short | greedy long | sampled short | sampled long | all-wrong groups short | all-wrong groups long |"
+        "| checkpoint | split | greedy all | greedy short | greedy long | sampled short | sampled long | all-wrong groups short | all-wrong groups long "
+        "| likelihood ranks near-miss pairs right |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for checkpoint in args.checkpoints:
         tokenizer, model = common.load_tokenizer(checkpoint), common.load_model(checkpoint)
-        for split, problems in splits.items():
+        for split, (problems, pairs) in splits.items():
             common.seed_everything(args.seed)
             accuracy, completions = common.evaluate_accuracy(model, tokenizer, problems, args.digits + 2)
             greedy = torch.tensor(common.arithmetic_reward([], completions, [problem["answer"] for problem in problems]))
@@ -84,6 +115,7 @@ def main(args: Args) -> None:
             all_wrong = sampled.sum(dim=1) == 0
             cells = [greedy[short].mean(), greedy[~short].mean(), sampled[short].mean(), sampled[~short].mean()]
             cells += [all_wrong[short].float().mean(), all_wrong[~short].float().mean()]
+            cells += [likelihood_prefers_chosen(model, tokenizer, pairs).float().mean()]
             print(f"| {checkpoint} | {split} ({short.sum()} short) | {accuracy:.3f} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
 
 

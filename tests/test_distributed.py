@@ -59,7 +59,7 @@ def saved_weights(folder: Path) -> dict:
 @pytest.mark.parametrize("script", ["dpo.py", "sft.py", "reward_model.py"])
 def test_two_processes_train_like_one_process_on_the_whole_batch(script, tiny_checkpoint, tmp_path):
     arguments = dict(model=tiny_checkpoint, total_steps=3, batch_size=8, eval_every=2, eval_size=8, learning_rate=0.5)
-    arguments |= {"dpo.py": dict(num_pairs=32, sft_coef=0.5), "sft.py": dict(warmup_steps=1), "reward_model.py": dict(warmup_steps=1)}[
+    arguments |= {"dpo.py": dict(num_pairs=33, sft_coef=0.5), "sft.py": dict(warmup_steps=1), "reward_model.py": dict(warmup_steps=1)}[
         script
     ]
     runner = ROOT / "tests" / "sgd_runner.py"  # the script as it is, with SGD for AdamW: equal weights = equal gradients
