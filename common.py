@@ -132,10 +132,17 @@ def load_model(name_or_path: str, model_class=None, trust_remote_code: bool = Fa
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
-    """Set every dropout probability to 0: RL needs log-probs that are the same at sampling and training time."""
+    """Set every dropout probability to 0: RL needs log-probs that are the same at sampling and training time.
+
+    Besides nn.Dropout modules, many models keep a rate as a plain float that they pass to functional dropout in
+    train mode (Llama's and Qwen's `attention_dropout`, OPT's `dropout`); those are set to 0 on the modules too.
+    """
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
 
 
 # ----------------------------------------------------------------------------- several processes, memory savers

@@ -238,8 +238,8 @@ def reference_logprobs(model, tokenized: list[tuple], batch_size: int, pad_token
     model.eval()
     own_logps = torch.zeros(share, 2, device=device)  # padded to `share` rows: all_gather needs one shape everywhere
     for start in range(0, len(own_pairs), batch_size):
-        batch = collate(own_pairs[start : start + batch_size], pad_token_id, device)
-        own_logps[start : start + batch_size] = torch.stack(concatenated_forward(model, batch), dim=1)
+        pairs = own_pairs[start : start + batch_size]
+        own_logps[start : start + len(pairs)] = torch.stack(concatenated_forward(model, collate(pairs, pad_token_id, device)), dim=1)
     model.train(was_training)
     all_logps = common.all_gather(own_logps)[: len(tokenized)]
     return all_logps[:, 0], all_logps[:, 1]
@@ -378,6 +378,7 @@ def main(args: Args) -> None:
                 parts[key].append(value.detach())
         common.all_reduce_gradients(model)  # sum over processes: the gradient of the whole batch's loss
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        learning_rate = scheduler.get_last_lr()[0]  # the rate of this step; scheduler.step() moves to the next step's
         optimizer.step()
         scheduler.step()
 
@@ -396,7 +397,7 @@ def main(args: Args) -> None:
         writer.add_scalar("rewards/margins", (chosen_rewards - rejected_rewards).mean().item(), step)
         writer.add_scalar("logps/chosen", policy_chosen_logps.mean().item(), step)
         writer.add_scalar("logps/rejected", policy_rejected_logps.mean().item(), step)
-        writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
+        writer.add_scalar("charts/learning_rate", learning_rate, step)
         writer.add_scalar("charts/SPS", step / (time.time() - start_time), step)
 
         if step % args.eval_every == 0 or step == args.total_steps:

@@ -547,6 +547,7 @@ def main(args: Args) -> None:
 
         # 3-4. mu optimizer steps on this rollout
         rollout = {"input_ids": input_ids, "attention_mask": attention_mask, "mask": mask, "advantages": advantages}
+        learning_rate = scheduler.get_last_lr()[0]  # the rate of this rollout's first step; each scheduler.step() moves it on
         sums = policy_update(model, optimizer, scheduler, reference, {**rollout, "prompt_length": prompt_length}, args)
 
         # 5. logging (DESIGN.md section 6), over the whole batch
@@ -559,7 +560,7 @@ def main(args: Args) -> None:
             "charts/frac_reward_zero_std": (group_std == 0).float().mean().item(),
             "charts/completion_length": lengths.mean().item(),
             "charts/truncated_fraction": 1.0 - has_eos.mean().item(),
-            "charts/learning_rate": scheduler.get_last_lr()[0],
+            "charts/learning_rate": learning_rate,
             "charts/SPS": step / (time.time() - start_time),
         }
         for name, column in zip(reward_names, rewards_per_function.T):

@@ -297,14 +297,15 @@ def main(args: Args):
         reward_model.to(device).requires_grad_(False)
         reward_tokenizer = common.load_tokenizer(args.reward_model, args.trust_remote_code)
         same_tokenizer = reward_tokenizer.get_vocab() == tokenizer.get_vocab()
-    # the critic starts from the reward model when there is one (it already reads "how good is this text"), else from the policy
-    value_source = args.reward_model if args.reward_fn == "reward_model" else args.model
+    # the critic starts from the reward model when there is one (it already reads "how good is this text"), else from
+    # the policy. It reads the policy's token ids, so a reward model with another tokenizer cannot be its start.
+    value_source = args.reward_model if reward_model is not None and same_tokenizer else args.model
     value_model = load_value_model(value_source, args.trust_remote_code, dtype, autocast_dtype).to(device)
     if args.gradient_checkpointing:
         common.enable_gradient_checkpointing(policy)
         common.enable_gradient_checkpointing(value_model)
     common.broadcast_parameters(policy)
-    common.broadcast_parameters(value_model)  # its new head is random: every process starts from rank 0's
+    common.broadcast_parameters(value_model)  # every process starts from rank 0's weights
     common.seed_everything(args.seed + rank)  # each process samples different completions
     print(
         f"policy {args.model}: {sum(p.numel() for p in policy.parameters()):,} parameters; value model from {value_source}; on {device} in {dtype}, autocast {autocast_dtype}"
@@ -402,6 +403,7 @@ def main(args: Args):
         policy.train()
         value_model.train()
         update_metrics = []
+        learning_rate = scheduler.get_last_lr()[0]  # the policy's rate in this update; scheduler.step() moves to the next one's
         for _ in range(args.num_ppo_epochs):
             for indices in torch.randperm(local_batch_size, device=device).split(minibatch_size):
                 logits = completion_logits(policy, sequences[indices], attention_mask[indices], prompt_length)
@@ -451,7 +453,7 @@ def main(args: Args):
             "policy/ratio_var": mean["ratio_var"],
             "charts/eos_fraction": mean["eos_fraction"],
             "charts/completion_length": mean["completion_length"],
-            "charts/learning_rate": scheduler.get_last_lr()[0],
+            "charts/learning_rate": learning_rate,
             "charts/SPS": step / (time.time() - start_time),
         }
         for tag, value in scalars.items():

@@ -274,6 +274,7 @@ def main(args: Args) -> None:
             all_rejected.append(rejected_rewards.detach())
         common.all_reduce_gradients(model)  # sum over processes: the gradient of the whole batch's loss
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        learning_rate = scheduler.get_last_lr()[0]  # the rate of this step; scheduler.step() moves to the next step's
         optimizer.step()
         scheduler.step()
 
@@ -289,7 +290,7 @@ def main(args: Args) -> None:
         writer.add_scalar("losses/grad_norm", grad_norm.item(), step)
         for tag, name in {"accuracies": "accuracy", "margins": "margin", "chosen": "chosen", "rejected": "rejected"}.items():
             writer.add_scalar(f"rewards/{tag}", metrics[name], step)
-        writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
+        writer.add_scalar("charts/learning_rate", learning_rate, step)
         writer.add_scalar("charts/SPS", step / (time.time() - start_time), step)
 
         if step % args.eval_every == 0 or step == args.total_steps:

@@ -227,12 +227,13 @@ def main(args: Args) -> None:
         loss = common.all_reduce_sum(loss)
         common.all_reduce_gradients(model)  # sum over processes: the gradient of the whole batch's loss
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        learning_rate = scheduler.get_last_lr()[0]  # the rate of this step; scheduler.step() moves to the next step's
         optimizer.step()
         scheduler.step()
 
         writer.add_scalar("losses/sft_loss", loss.item(), step)
         writer.add_scalar("losses/grad_norm", grad_norm.item(), step)
-        writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
+        writer.add_scalar("charts/learning_rate", learning_rate, step)
         writer.add_scalar("charts/SPS", step / (time.time() - start_time), step)
 
         if step % args.eval_every == 0 or step == args.total_steps:

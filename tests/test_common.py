@@ -69,9 +69,19 @@ def test_load_tokenizer_sets_pad_and_side(tiny_checkpoint):
     assert reloaded.pad_token == "<unk>" and reloaded.padding_side == "right"
 
 
-def test_load_model_disables_dropout(tiny_checkpoint):
-    model = common.load_model(tiny_checkpoint, resid_pdrop=0.5)
-    assert all(module.p == 0.0 for module in model.modules() if isinstance(module, torch.nn.Dropout))
+@pytest.mark.parametrize(
+    "architecture, dropout", [("gpt2", dict(resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5)), ("llama", dict(attention_dropout=0.5))]
+)
+def test_load_model_disables_dropout(architecture, dropout, tiny_model, tmp_path):
+    """GPT-2 drops out through nn.Dropout modules; Llama passes a float rate to its attention: both must be off."""
+    tokenizer = common.build_tiny_tokenizer()
+    tiny_model(architecture, tokenizer).save_pretrained(tmp_path)
+    model = common.load_model(str(tmp_path), **dropout)
+    assert all(getattr(model.config, name) == 0.5 for name in dropout)  # the checkpoint asks for dropout ...
+    input_ids = torch.randint(3, len(tokenizer), (2, 12))
+    with torch.no_grad():
+        train_logits, eval_logits = model.train()(input_ids).logits, model.eval()(input_ids).logits
+    torch.testing.assert_close(train_logits, eval_logits, rtol=0, atol=0)  # ... and none happens in train mode
 
 
 # ----------------------------------------------------------------------------- tiny model

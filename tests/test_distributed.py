@@ -59,12 +59,17 @@ def saved_weights(folder: Path) -> dict:
 @pytest.mark.parametrize("script", ["dpo.py", "sft.py", "reward_model.py"])
 def test_two_processes_train_like_one_process_on_the_whole_batch(script, tiny_checkpoint, tmp_path):
     arguments = dict(model=tiny_checkpoint, total_steps=3, batch_size=8, eval_every=2, eval_size=8, learning_rate=0.5)
-    arguments |= {"dpo.py": dict(num_pairs=33, sft_coef=0.5), "sft.py": dict(warmup_steps=1), "reward_model.py": dict(warmup_steps=1)}[
-        script
-    ]
+    # dpo: 35 pairs, so the reference pass gives the processes 18 and 17 pairs, in micro-batches of 3 (the last ones short)
+    arguments |= {
+        "dpo.py": dict(num_pairs=35, sft_coef=0.5, batch_size=12),
+        "sft.py": dict(warmup_steps=1),
+        "reward_model.py": dict(warmup_steps=1),
+    }[script]
+    micro_batch_size = 3 if script == "dpo.py" else 2
     runner = ROOT / "tests" / "sgd_runner.py"  # the script as it is, with SGD for AdamW: equal weights = equal gradients
     torchrun(1, runner, str(ROOT / script), *flags(**arguments, output_dir=tmp_path / "one"), cwd=tmp_path)
-    log = torchrun(2, runner, str(ROOT / script), *flags(**arguments, output_dir=tmp_path / "two", micro_batch_size=2), cwd=tmp_path)
+    two = flags(**arguments, output_dir=tmp_path / "two", micro_batch_size=micro_batch_size)
+    log = torchrun(2, runner, str(ROOT / script), *two, cwd=tmp_path)
     assert log.count("eval_accuracy") == (3 if script == "dpo.py" else 2), "only rank 0 prints"
     assert len(list((tmp_path / "runs").iterdir())) == 2, "one TensorBoard run per launch, written by rank 0"
     start, one, two = saved_weights(Path(tiny_checkpoint)), saved_weights(tmp_path / "one"), saved_weights(tmp_path / "two")

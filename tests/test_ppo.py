@@ -300,6 +300,21 @@ def test_end_to_end_with_a_reward_model_updates_policy_and_value(tiny_checkpoint
     assert not changed(saved, policy) and (tmp_path / "runs").is_dir()
 
 
+def test_a_reward_model_with_another_tokenizer_is_scored_on_its_tokens_and_the_critic_starts_from_the_policy(
+    tiny_checkpoint, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    tokenizer = common.load_tokenizer(tiny_checkpoint)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<sep>"]})  # another vocabulary
+    reward_model = AutoModelForSequenceClassification.from_pretrained(tiny_checkpoint, num_labels=1)
+    reward_model.resize_token_embeddings(len(tokenizer))
+    common.save_checkpoint(reward_model, tokenizer, str(tmp_path / "other_reward_model"))
+    policy, value_model = ppo.main(tiny_args(tmp_path, tiny_checkpoint, reward_model=str(tmp_path / "other_reward_model")))
+    # the critic reads the policy's token ids, so it must start from the policy, not from the reward model
+    assert f"value model from {tiny_checkpoint}" in capsys.readouterr().out
+    assert value_model.get_input_embeddings().weight.size(0) == policy.get_input_embeddings().weight.size(0)
+
+
 def test_end_to_end_with_the_arithmetic_reward_k3_and_adaptive_kl(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = tiny_args(tmp_path, tiny_checkpoint, reward_fn="arithmetic", kl_estimator="k3", target_kl=1.0, whiten_rewards=True)
