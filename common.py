@@ -122,12 +122,20 @@ def load_model(name_or_path: str, model_class=None, trust_remote_code: bool = Fa
 
     Weights in `dtype`, the body under autocast when `autocast_dtype` is set (choose_precision gives both).
     Remote code never runs unless `trust_remote_code` is set (the `--trust-remote-code` flag).
+
+    `generate` takes every option a call leaves unset from the model's generation_config, where chat models ship
+    sampling defaults (Qwen2.5-Instruct: repetition_penalty 1.05, top_k 20, top_p 0.8). The log-probs of these
+    scripts are those of softmax(logits / T), so the config keeps only the special tokens and every call says how
+    it samples; a checkpoint saved here has that plain config too.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     model_class = model_class or AutoModelForCausalLM
     model = _from_pretrained(model_class.from_pretrained, name_or_path, "model", trust_remote_code=trust_remote_code, dtype=dtype, **kwargs)
     disable_dropout(model)
+    if getattr(model, "generation_config", None) is not None:
+        special_tokens = ("bos_token_id", "eos_token_id", "pad_token_id")
+        model.generation_config = GenerationConfig(**{name: getattr(model.generation_config, name) for name in special_tokens})
     return enable_autocast(model, autocast_dtype)
 
 
@@ -148,8 +156,9 @@ def disable_dropout(model: torch.nn.Module) -> None:
 # ----------------------------------------------------------------------------- several processes, memory savers
 # `torchrun --nproc_per_node N script.py ...` starts N copies of a script (one per GPU, or N CPU processes). Each
 # copy (rank) samples its own share of every batch; the losses are normalised by the whole batch's size, so the
-# sum of the ranks' gradients is the gradient of the whole batch. Run with plain `python` every helper below is a
-# no-op and the script is the single-process one.
+# sum of the ranks' gradients is the gradient of the whole batch (ppo.py is the exception: it averages the ranks'
+# minibatch losses, as DistributedDataParallel does). Run with plain `python` every helper below is a no-op and the
+# script is the single-process one.
 def setup_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
     """(rank, world_size, device) of this process; joins the process group when started by torchrun.
 
@@ -659,10 +668,12 @@ def run_name_for(args) -> str:
 
 
 def save_checkpoint(model, tokenizer, output_dir: str) -> None:
-    """Write model + tokenizer in Hugging Face format, atomically: the folder is complete or untouched.
+    """Write model + tokenizer in Hugging Face format, whole or not at all: `output_dir` is never a partial checkpoint.
 
-    Everything is written to a temporary sibling folder first, which then replaces `output_dir`
-    by rename; an interrupted save leaves the previous checkpoint intact. Under torchrun only rank 0
+    Everything is written to a temporary sibling folder first, which then replaces `output_dir` by two
+    renames (the old folder aside, the new one in). A crash while writing leaves the previous checkpoint as
+    it was; a crash in the instant between the renames leaves it whole under `.{name}.old-{pid}`, with
+    `output_dir` missing (a folder cannot be swapped in one portable step). Under torchrun only rank 0
     writes (the others wait for it). A LoRA model is saved with its adapters merged into the weights, a
     plain model that `from_pretrained` loads, and the adapters alone under `adapter/` as well: merged into
     bf16 weights (--dtype bfloat16) the update is rounded, the adapters keep it exact. The merge changes

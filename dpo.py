@@ -277,6 +277,8 @@ def main(args: Args) -> None:
 
     tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
     model = common.load_model(args.model, AutoModelForCausalLM, args.trust_remote_code, dtype, autocast_dtype).to(device)
+    # sequences longer than the position table are cut (and counted), not an index error in the embedding
+    args.max_length = min(args.max_length, getattr(model.config, "max_position_embeddings", args.max_length))
     if args.lora_r:
         model = common.apply_lora(model, args.lora_r, args.lora_alpha, args.lora_target_modules)
     if args.gradient_checkpointing:

@@ -74,7 +74,7 @@ class Args:
     learning_rate: float = 5e-4
     """peak learning rate of AdamW"""
     warmup_steps: int = 0
-    """optimizer steps of linear warm-up from 0, then linear decay to 0"""
+    """optimizer steps of linear warm-up (the rate reaches its peak at the last one), then linear decay to 0"""
     max_grad_norm: float = 1.0
     """gradient clipping norm"""
     num_iterations: int = 1
@@ -108,6 +108,11 @@ class Args:
 
 
 # ----------------------------------------------------------------------------- rewards
+# a number in running text: `-` is a sign only where it cannot be a minus (`x = -5`, not `12-5`); thousands separators
+# only in groups of three (`1,234`, not the list `3,4`); never the tail of a longer number (`.5` is not 5)
+_NUMBER = r"(?:(?<![\w).])-)?(?<![\d.])(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?"
+
+
 def _final_answer(text: str) -> str | None:
     """The text after the last `####` or `Answer:` (first line), else inside the last `\\boxed{}`, else the last number."""
     marker = max(text.rfind("####"), text.rfind("Answer:"))
@@ -123,7 +128,7 @@ def _final_answer(text: str) -> str | None:
         return None
     if marker >= 0:
         return text.strip() or None
-    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text)
+    numbers = re.findall(_NUMBER, text)
     return numbers[-1] if numbers else None
 
 
@@ -395,12 +400,10 @@ def policy_update(model, optimizer, scheduler, reference, rollout: dict, args: A
         optimizer.step()
         scheduler.step()
     sums = dict(zip(sums, common.all_reduce_sum(torch.stack(list(sums.values()))).tolist()))  # one collective for all
-    count = max(1.0, sums["micro_batches"])
-    return {
-        "losses/policy_loss": sums["losses/policy_loss"] / args.num_iterations,
-        **{name: sums[name] / count for name in averaged},
-        "losses/grad_norm": grad_norm.item(),
-    }
+    # entropy, clip fractions and KL describe the rows in the update; when no process had any (every group constant,
+    # beta = 0) they are not reported rather than reported as 0
+    averages = {name: sums[name] / sums["micro_batches"] for name in averaged} if sums["micro_batches"] > 0 else {}
+    return {"losses/policy_loss": sums["losses/policy_loss"] / args.num_iterations, **averages, "losses/grad_norm": grad_norm.item()}
 
 
 # ----------------------------------------------------------------------------- training
@@ -489,7 +492,10 @@ def main(args: Args) -> None:
     # fused=True: one kernel updates every parameter tensor (the same AdamW step without a Python loop over tensors; HF Trainer's default)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=0.0, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda update: min((update + 1) / max(1, args.warmup_steps), 1.0 - update / total_updates)
+        optimizer,
+        lambda update: min(
+            (update + 1) / max(1, args.warmup_steps), max(0.0, (total_updates - update) / max(1, total_updates - args.warmup_steps))
+        ),
     )
     generator = torch.Generator().manual_seed(args.seed)  # the same on every process: they agree on each batch's prompts
     order: list[int] = []
@@ -542,22 +548,23 @@ def main(args: Args) -> None:
         rewards_per_function = common.all_gather(local_rewards)
         rewards = rewards_per_function @ reward_weights
         advantages = common.shard(group_advantages(rewards, args.group_size, args.scale_rewards), rank, world_size)
-        if args.mask_truncated_completions:
-            mask = mask * has_eos.unsqueeze(1)  # truncated completions still count in the group baseline, not in the loss
+        # truncated completions still count in the group baseline; with --mask-truncated-completions not in the loss
+        loss_mask = mask * has_eos.unsqueeze(1) if args.mask_truncated_completions else mask
 
         # 3-4. mu optimizer steps on this rollout
-        rollout = {"input_ids": input_ids, "attention_mask": attention_mask, "mask": mask, "advantages": advantages}
+        rollout = {"input_ids": input_ids, "attention_mask": attention_mask, "mask": loss_mask, "advantages": advantages}
         learning_rate = scheduler.get_last_lr()[0]  # the rate of this rollout's first step; each scheduler.step() moves it on
         sums = policy_update(model, optimizer, scheduler, reference, {**rollout, "prompt_length": prompt_length}, args)
 
         # 5. logging (DESIGN.md section 6), over the whole batch
-        group_std = rewards.view(-1, args.group_size).std(dim=1)
+        grouped_rewards = rewards.view(-1, args.group_size)
+        constant_groups = (grouped_rewards == grouped_rewards[:, :1]).all(dim=1)  # the groups group_advantages zeroes
         lengths, has_eos = common.all_gather(mask.sum(1).float()), common.all_gather(has_eos.float())
         scalars = {
             **sums,
             "charts/reward": rewards.mean().item(),
-            "charts/reward_std": group_std.mean().item(),
-            "charts/frac_reward_zero_std": (group_std == 0).float().mean().item(),
+            "charts/reward_std": grouped_rewards.std(dim=1).mean().item(),
+            "charts/frac_reward_zero_std": constant_groups.float().mean().item(),
             "charts/completion_length": lengths.mean().item(),
             "charts/truncated_fraction": 1.0 - has_eos.mean().item(),
             "charts/learning_rate": learning_rate,

@@ -293,7 +293,7 @@ def main(args: Args) -> None:
         writer.add_scalar("charts/learning_rate", learning_rate, step)
         writer.add_scalar("charts/SPS", step / (time.time() - start_time), step)
 
-        if step % args.eval_every == 0 or step == args.total_steps:
+        if eval_pairs and (step % args.eval_every == 0 or step == args.total_steps):  # a file of < 10 rows holds none out
             model.eval()
             eval_chosen, eval_rejected = score_dataset(model, eval_pairs, tokenizer.pad_token_id, device, micro_batch_size)
             model.train()

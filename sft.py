@@ -166,10 +166,11 @@ def main(args: Args) -> None:
         tokenizer = common.build_tiny_tokenizer()
         model = common.build_tiny_gpt2(tokenizer, args.tiny_n_layer, args.tiny_n_embd, args.tiny_n_head).to(dtype)
         common.enable_autocast(model, autocast_dtype)
-        args.max_length = min(args.max_length, model.config.n_positions)
     else:
         tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
         model = common.load_model(args.model, AutoModelForCausalLM, args.trust_remote_code, dtype, autocast_dtype)
+    # sequences longer than the position table are cut (and counted), not an index error in the embedding
+    args.max_length = min(args.max_length, getattr(model.config, "max_position_embeddings", args.max_length))
     model.to(device)
     if args.lora_r:
         model = common.apply_lora(model, args.lora_r, args.lora_alpha, args.lora_target_modules)
@@ -236,7 +237,7 @@ def main(args: Args) -> None:
         writer.add_scalar("charts/learning_rate", learning_rate, step)
         writer.add_scalar("charts/SPS", step / (time.time() - start_time), step)
 
-        if step % args.eval_every == 0 or step == args.total_steps:
+        if eval_tokenized and (step % args.eval_every == 0 or step == args.total_steps):  # a file of < 10 rows holds none out
             model.eval()
             with torch.no_grad():
                 eval_losses = [

@@ -84,6 +84,24 @@ def test_load_model_disables_dropout(architecture, dropout, tiny_model, tmp_path
     torch.testing.assert_close(train_logits, eval_logits, rtol=0, atol=0)  # ... and none happens in train mode
 
 
+def test_load_model_drops_the_checkpoints_sampling_defaults(tiny_checkpoint, tmp_path):
+    """Samples must come from softmax(logits / T) alone, whatever generation_config.json the checkpoint ships."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+    model.generation_config.update(do_sample=True, repetition_penalty=1.5, top_k=2, no_repeat_ngram_size=1)
+    model.save_pretrained(tmp_path)
+    tokenizer = common.load_tokenizer(tiny_checkpoint)
+    prompts = tokenizer(["12+34=", "5+6="], return_tensors="pt", padding=True)
+    samples = []
+    for path in (tiny_checkpoint, str(tmp_path)):
+        torch.manual_seed(0)
+        samples.append(
+            common.load_model(path).generate(
+                **prompts, do_sample=True, temperature=1.0, max_new_tokens=8, pad_token_id=tokenizer.pad_token_id
+            )
+        )
+    assert torch.equal(samples[0], samples[1])
+
+
 # ----------------------------------------------------------------------------- tiny model
 def test_tiny_tokenizer_round_trip(tmp_path):
     tokenizer = common.build_tiny_tokenizer()

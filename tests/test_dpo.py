@@ -309,7 +309,9 @@ def test_micro_batches_lora_and_checkpointing(tiny_checkpoint, tmp_path, monkeyp
 def test_dpo_on_jsonl(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = tmp_path / "pairs.jsonl"
-    data.write_text("\n".join('{"prompt": "say hi: ", "chosen": "hi", "rejected": "go away"}' for _ in range(6)))
+    rows = ['{"prompt": "say hi: ", "chosen": "hi", "rejected": "go away"}'] * 5
+    rows.append(f'{{"prompt": "say hi: ", "chosen": "{"hi " * 40}", "rejected": "no"}}')  # beyond the model's 64 positions: cut
+    data.write_text("\n".join(rows))
     assert (tmp_path / run_dpo(tmp_path, tiny_checkpoint, dataset=str(data)) / "config.json").is_file()
 
 

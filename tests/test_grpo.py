@@ -253,6 +253,11 @@ def test_one_prompt_pass_per_group_gives_the_same_logprobs_and_gradients(archite
         ("Answer: \\boxed{42}", "42", 1.0),
         ("it is 5, no wait, 6", "6", 1.0),
         ("it is 6, no wait, 5", "6", 0.0),
+        ("so x = -5", "-5", 1.0),
+        ("we get 12-5", "-5", 0.0),
+        ("the values 3,4", "34", 0.0),
+        ("it is .5", "5", 0.0),
+        ("1,234.5 in all", "1234.5", 1.0),
         ("the answer is 0.5", "1/2", 0.0),
         ("__import__('os')", "0", 0.0),
         ("", "3", 0.0),
@@ -360,6 +365,30 @@ def test_jsonl_data_with_math_and_format_rewards(tiny_checkpoint, tmp_path, monk
     args = small_args(tiny_checkpoint, tmp_path, dataset=str(data), reward_funcs=("math", "format"), max_completion_length=4)
     grpo.main(args)
     assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_metrics_describe_the_rollout_when_truncated_completions_are_masked_and_no_group_has_signal(tiny_checkpoint, tmp_path, monkeypatch):
+    """One-token completions of two-digit answers: all wrong (every group constant, nothing updated) and mostly cut."""
+    monkeypatch.chdir(tmp_path)
+    logged = {}
+
+    class Recorder:
+        def add_scalar(self, tag, value, step):
+            logged[tag] = value
+
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(common, "setup_logging", lambda *args, **kwargs: Recorder())
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(f'{{"prompt": "{i}+10=", "answer": "{i + 10}"}}' for i in range(20)))
+    grpo.main(
+        small_args(tiny_checkpoint, tmp_path, total_steps=1, dataset=str(data), max_completion_length=1, mask_truncated_completions=True)
+    )
+    assert logged["charts/truncated_fraction"] > 0
+    assert logged["charts/completion_length"] == 1.0  # truncated completions leave the loss, not the length
+    assert logged["charts/frac_reward_zero_std"] == 1.0
+    assert "losses/entropy" not in logged and "clip/low" not in logged  # no update rows: not reported as 0
 
 
 @pytest.mark.parametrize(

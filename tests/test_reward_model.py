@@ -194,6 +194,11 @@ def test_jsonl_with_margins_trains_and_a_bad_margin_names_the_line(tmp_path, mon
     )
     reward_model.main(run_args(tmp_path, tiny_checkpoint, dataset=str(data), total_steps=2, batch_size=4))
     assert (tmp_path / "rm" / "config.json").is_file()
+    data.write_text("\n".join(['{"prompt": "2+2=", "chosen": "4", "rejected": "5"}'] * 6))  # too few to hold any out
+    reward_model.main(
+        run_args(tmp_path, tiny_checkpoint, dataset=str(data), total_steps=2, batch_size=4, output_dir=str(tmp_path / "small"))
+    )
+    assert (tmp_path / "small" / "config.json").is_file()
     data.write_text(
         '{"prompt": "2+2=", "chosen": "4", "rejected": "5"}\n\n{"prompt": "2+2=", "chosen": "4", "rejected": "5", "margin": "big"}\n'
     )

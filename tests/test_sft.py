@@ -47,10 +47,11 @@ def test_sft_end_to_end_writes_a_checkpoint_that_generates(tmp_path, monkeypatch
     assert output.shape[1] > inputs["input_ids"].shape[1]
 
 
-def test_sft_on_jsonl(tmp_path, monkeypatch):
+@pytest.mark.parametrize("rows", [20, 6])  # 6: too few to hold a tenth out, so training runs without evaluation
+def test_sft_on_jsonl(rows, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = tmp_path / "data.jsonl"
-    data.write_text("\n".join('{"prompt": "say hi: ", "completion": "hi"}' for _ in range(20)))
+    data.write_text("\n".join('{"prompt": "say hi: ", "completion": "hi"}' for _ in range(rows)))
     sft.main(
         sft.Args(
             dataset=str(data),
