@@ -46,13 +46,14 @@ def choose_precision(dtype: str, device: torch.device) -> tuple[torch.dtype, tor
 
     - `mixed`: weights, gradients and AdamW state in fp32; the transformer body runs under bf16 autocast
       (its matmuls in bf16). The LM and reward heads, log-probs and losses stay fp32.
-    - `auto`: `mixed` on a CUDA GPU that supports bf16, `float32` elsewhere (CPU training is fp32).
+    - `auto`: `mixed` on a CUDA GPU with native bf16 (Ampere or newer; not T4/V100, where torch only emulates
+      it), `float32` elsewhere (CPU training is fp32).
     - `float32`, `bfloat16`, `float16`: every weight in that dtype, no autocast. Pure bf16 suits frozen weights and
       LoRA (peft keeps the adapters in fp32). For full fine-tuning it loses AdamW steps smaller than bf16's
       resolution (about 0.4% of a weight): at a learning rate of 1e-6 most weights would never move.
     """
     if dtype == "auto":
-        dtype = "mixed" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+        dtype = "mixed" if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False) else "float32"
     if dtype == "mixed":
         return torch.float32, torch.bfloat16
     choices = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -90,6 +91,8 @@ def _from_pretrained(loader, name_or_path: str, what: str, **kwargs):
     try:
         return loader(name_or_path, **kwargs)
     except (OSError, ValueError) as error:
+        if Path(name_or_path).expanduser().exists():  # the folder is there: what failed is inside it
+            raise OSError(f"could not load {what} from {name_or_path!r}: {error}") from error
         raise OSError(
             f"could not load {what} {name_or_path!r}: there is no folder {str(Path(name_or_path).expanduser().resolve())!r} "
             f"(for checkpoints/sft run `python sft.py` first), and it is not a model id that can be fetched from the "
@@ -363,12 +366,12 @@ def reward_model_scores(reward_model, input_ids: torch.Tensor, attention_mask: t
     return reward_model.score(last_hidden).squeeze(-1).float()
 
 
-LOGITS_CHUNK_ELEMENTS = 2**24  # 64 MB of float32: the most logits token_logprobs and entropy_from_logits copy at once
+LOGITS_CHUNK_ELEMENTS = 2**24  # 64 MB of float32: the chunk token_logprobs and entropy_from_logits copy at once
 
 
 def _row_chunks(logits: torch.Tensor) -> list[slice]:
-    """Slices of rows of `logits` holding at most LOGITS_CHUNK_ELEMENTS values each (at least one row): the float32
-    copy of a chunk stays bounded whatever the vocabulary, while a small model's whole batch is one chunk."""
+    """Slices of rows of `logits` holding at most LOGITS_CHUNK_ELEMENTS values each, or one row where a row alone holds
+    more (length x vocabulary: 78M values for 512 tokens of a 152k vocabulary). A small model's batch is one chunk."""
     rows_per_chunk = max(1, LOGITS_CHUNK_ELEMENTS // max(1, logits[0].numel()))
     return [slice(start, start + rows_per_chunk) for start in range(0, logits.size(0), rows_per_chunk)]
 
@@ -377,9 +380,10 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     """log pi(token_t | context) = logits_t[token_t] / T - logsumexp(logits_t / T), shape (batch, length).
 
     The logits are divided by the sampling temperature T so the log-probs are those of the
-    distribution the tokens were sampled from. Memory-light: rows are processed a chunk at a time and
-    only the chosen token's logit and the log-normaliser are kept, never the full log-softmax.
-    Computed in float32 whatever the logits' dtype.
+    distribution the tokens were sampled from. Rows are processed a chunk at a time and the result keeps only
+    the chosen token's logit and the log-normaliser, never the full log-softmax. That bounds the memory of
+    no-grad passes (reference, old policy); with gradients, autograd still saves each chunk's float32 logits
+    for the backward pass. Computed in float32 whatever the logits' dtype.
     """
     parts = []
     for rows in _row_chunks(logits):

@@ -581,8 +581,9 @@ def main(args: Args) -> None:
             )
             writer.add_text("samples", samples, step)
             print(
-                f"step {step:5d}  reward {scalars['charts/reward']:.3f}  kl {sums.get('losses/kl', 0.0):.4f}  "
-                f"SPS {scalars['charts/SPS']:.2f}  samples: {samples}"
+                f"step {step:5d}  reward {scalars['charts/reward']:.3f}  "
+                + (f"kl {sums['losses/kl']:.4f}  " if "losses/kl" in sums else "")  # measured only when beta != 0
+                + f"SPS {scalars['charts/SPS']:.2f}  samples: {samples}"
             )
             evaluate(step)
 

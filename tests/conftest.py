@@ -2,12 +2,15 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-from hypothesis import settings
-from transformers import LlamaConfig, LlamaForCausalLM
+# no hub here: a model id fails at once instead of after retries. Set before transformers (and huggingface_hub)
+# are imported, which read it once at import time.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: a model id fails at once instead of after retries
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import common  # noqa: E402

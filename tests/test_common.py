@@ -57,6 +57,10 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
         common.load_model(str(tmp_path / "nowhere"))
     with pytest.raises(OSError, match="could not load tokenizer 'no-such-org/no-such-model-xyz'"):
         common.load_tokenizer("no-such-org/no-such-model-xyz")
+    (tmp_path / "config.json").write_text('{"model_type": "no-such-architecture"}')  # there, but unloadable
+    with pytest.raises(OSError, match="could not load model from .*no-such-architecture") as error:
+        common.load_model(str(tmp_path))
+    assert "there is no folder" not in str(error.value)
 
 
 def test_load_tokenizer_sets_pad_and_side(tiny_checkpoint):
