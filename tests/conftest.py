@@ -52,3 +52,19 @@ def tiny_model():
         return LlamaForCausalLM(config)
 
     return build
+
+
+@pytest.fixture
+def logged_scalars(monkeypatch):
+    """{(tag, step): value} of every scalar the script under test logs: common.setup_logging returns a recorder."""
+    logged = {}
+
+    class Recorder:
+        def add_scalar(self, tag, value, step):
+            logged[(tag, step)] = value
+
+        def __getattr__(self, name):  # add_text, close, ...: nothing to keep
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(common, "setup_logging", lambda *args, **kwargs: Recorder())
+    return logged

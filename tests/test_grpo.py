@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import tyro
@@ -180,6 +182,44 @@ def test_mu_1_gradient_is_reinforce_with_baseline(loss_type):
     for ours, theirs in zip(gradient, expected):
         torch.testing.assert_close(ours, theirs)
     assert any(g.abs().sum() > 0 for g in gradient)
+
+
+def tiny_policy_update_inputs(beta: float, num_iterations: int, advantages: torch.Tensor):
+    """A 1-layer policy, a reference a little away from it, and a rollout of 8 completions (2 groups of 4)."""
+    torch.manual_seed(0)
+    tokenizer = common.build_tiny_tokenizer()
+    model = common.build_tiny_gpt2(tokenizer, n_layer=1, n_embd=32, n_head=2)
+    reference = copy.deepcopy(model).requires_grad_(False)
+    with torch.no_grad():
+        for parameter in reference.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    input_ids = torch.randint(3, len(tokenizer), (8, 7))
+    rollout = dict(
+        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), mask=torch.ones(8, 3), advantages=advantages, prompt_length=4
+    )
+    args = grpo.Args(beta=beta, num_iterations=num_iterations, group_size=4, batch_size=8, micro_batch_size=8, max_completion_length=3)
+    args.epsilon_high = args.epsilon
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), reference, rollout, args
+
+
+def test_with_beta_the_kl_term_trains_groups_whose_rewards_are_all_equal():
+    model, *rest = tiny_policy_update_inputs(beta=0.1, num_iterations=1, advantages=torch.zeros(8))
+    before = copy.deepcopy(model.state_dict())
+    metrics = grpo.policy_update(model, *rest)
+    assert metrics["losses/kl"] > 0
+    assert any(not torch.equal(before[name], value) for name, value in model.state_dict().items())
+
+
+def test_with_mu_2_the_old_policy_is_the_rollouts_in_both_steps(monkeypatch):
+    inputs = tiny_policy_update_inputs(beta=0.0, num_iterations=2, advantages=torch.tensor([1.0, -1, 2, -2, 0.5, -0.5, 1, -1]))
+    calls, grpo_loss = [], grpo.grpo_loss
+    monkeypatch.setattr(grpo, "grpo_loss", lambda logp, old, *args: calls.append((logp.detach(), old)) or grpo_loss(logp, old, *args))
+    grpo.policy_update(*inputs)
+    (first_logprobs, first_old), (second_logprobs, second_old) = calls
+    torch.testing.assert_close(first_old, first_logprobs)  # rho = 1 at the first step
+    torch.testing.assert_close(second_old, first_logprobs)  # pi_old stays the rollout's policy ...
+    assert not torch.allclose(second_logprobs, second_old)  # ... while pi_theta has moved: rho != 1
 
 
 def test_completion_logprobs_match_generation_under_left_padding():
@@ -367,28 +407,26 @@ def test_jsonl_data_with_math_and_format_rewards(tiny_checkpoint, tmp_path, monk
     assert (tmp_path / "out" / "config.json").is_file()
 
 
-def test_metrics_describe_the_rollout_when_truncated_completions_are_masked_and_no_group_has_signal(tiny_checkpoint, tmp_path, monkeypatch):
-    """One-token completions of two-digit answers: all wrong (every group constant, nothing updated) and mostly cut."""
+def test_truncated_completions_leave_the_loss_not_the_logged_length_and_an_update_without_signal_logs_no_entropy(
+    tiny_checkpoint, tmp_path, monkeypatch, logged_scalars
+):
+    """One-token completions of two-digit answers: mostly cut (no EOS), all wrong, so every group is constant."""
     monkeypatch.chdir(tmp_path)
-    logged = {}
-
-    class Recorder:
-        def add_scalar(self, tag, value, step):
-            logged[tag] = value
-
-        def __getattr__(self, name):
-            return lambda *args, **kwargs: None
-
-    monkeypatch.setattr(common, "setup_logging", lambda *args, **kwargs: Recorder())
+    rollouts, policy_update = [], grpo.policy_update
+    monkeypatch.setattr(grpo, "policy_update", lambda *args: rollouts.append(args[4]) or policy_update(*args))
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(f'{{"prompt": "{i}+10=", "answer": "{i + 10}"}}' for i in range(20)))
     grpo.main(
         small_args(tiny_checkpoint, tmp_path, total_steps=1, dataset=str(data), max_completion_length=1, mask_truncated_completions=True)
     )
-    assert logged["charts/truncated_fraction"] > 0
-    assert logged["charts/completion_length"] == 1.0  # truncated completions leave the loss, not the length
-    assert logged["charts/frac_reward_zero_std"] == 1.0
-    assert "losses/entropy" not in logged and "clip/low" not in logged  # no update rows: not reported as 0
+    rollout = rollouts[0]
+    _, has_eos = common.completion_mask(
+        rollout["input_ids"][:, rollout["prompt_length"] :], common.load_tokenizer(tiny_checkpoint).eos_token_id
+    )
+    assert (~has_eos).any() and torch.all(rollout["mask"][~has_eos] == 0)  # cut completions are out of the loss ...
+    assert logged_scalars[("charts/completion_length", 1)] == 1.0  # ... not out of the logged length
+    assert logged_scalars[("charts/frac_reward_zero_std", 1)] == 1.0
+    assert ("losses/entropy", 1) not in logged_scalars and ("clip/low", 1) not in logged_scalars  # not reported as 0
 
 
 @pytest.mark.parametrize(

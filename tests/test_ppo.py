@@ -324,6 +324,37 @@ def test_end_to_end_with_the_arithmetic_reward_k3_and_adaptive_kl(tiny_checkpoin
     assert (tmp_path / "ppo" / "config.json").is_file()
 
 
+def test_main_wires_the_rollout_into_the_losses(tiny_checkpoint, tmp_path, monkeypatch, logged_scalars):
+    """What main() hands from the rollout to the pure functions: the KL at the sampling temperature, the missing-EOS
+    penalty, reward whitening without a mean shift, whitened advantages and the returns of the unwhitened ones."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(common, "arithmetic_reward", lambda prompts, completions, *rest, **fields: [0.0] * len(completions))
+    calls = {name: [] for name in ("kl_penalized_rewards", "compute_gae", "ppo_policy_loss", "ppo_value_loss")}
+
+    def recording(function, record):
+        def spy(*args):
+            record.append((args, function(*args)))
+            return record[-1][1]
+
+        return spy
+
+    for name, record in calls.items():
+        monkeypatch.setattr(ppo, name, recording(getattr(ppo, name), record))
+    args = tiny_args(tmp_path, tiny_checkpoint, reward_fn="arithmetic", whiten_rewards=True, total_steps=1, temperature=0.7)
+    ppo.main(args)
+    # the first rollout's policy is the reference: KL 0 (both at T = 0.7); every score is 0 minus the missing-EOS penalty
+    assert logged_scalars[("objective/kl", 1)] == pytest.approx(0.0, abs=1e-6)
+    eos_fraction = logged_scalars[("charts/eos_fraction", 1)]
+    assert logged_scalars[("objective/scores", 1)] == pytest.approx(-args.missing_eos_penalty * (1 - eos_fraction))
+    (_, (raw_rewards, _)), ((rewards, _, mask, *_), (_, returns)) = calls["kl_penalized_rewards"][0], calls["compute_gae"][0]
+    torch.testing.assert_close(common.masked_mean(rewards, mask), common.masked_mean(raw_rewards, mask))  # whitened, mean kept
+    first_epoch = calls["ppo_policy_loss"][: args.num_minibatches], calls["ppo_value_loss"][: args.num_minibatches]  # each row once
+    advantages, policy_mask = (torch.cat([arguments[i] for arguments, _ in first_epoch[0]]) for i in (2, 3))
+    assert common.masked_mean(advantages, policy_mask).abs() < 1e-5 and (common.masked_var(advantages, policy_mask) - 1).abs() < 1e-3
+    value_returns, value_mask = (torch.cat([arguments[i] for arguments, _ in first_epoch[1]]) for i in (2, 3))
+    torch.testing.assert_close((value_returns * value_mask).sum(), (returns * mask).sum(), atol=1e-4, rtol=1e-5)
+
+
 def test_bad_flags_and_paths_are_clear_errors(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="--num-minibatches 3 must divide --batch-size 8"):

@@ -210,6 +210,15 @@ def test_jsonl_with_margins_trains_and_a_bad_margin_names_the_line(tmp_path, mon
     assert not (tmp_path / "bad").exists()
 
 
+def test_micro_batches_give_the_loss_and_gradient_of_the_whole_batch(tmp_path, monkeypatch, tiny_checkpoint, logged_scalars):
+    monkeypatch.chdir(tmp_path)
+    runs = []
+    for micro_batch_size in (None, 2):
+        reward_model.main(run_args(tmp_path, tiny_checkpoint, total_steps=1, micro_batch_size=micro_batch_size))
+        runs.append({tag: logged_scalars[(tag, 1)] for tag in ("losses/loss", "losses/grad_norm")})
+    assert runs[1] == pytest.approx(runs[0], rel=1e-4)
+
+
 def test_missing_model_path_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):

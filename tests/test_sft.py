@@ -73,3 +73,14 @@ def test_sft_bad_jsonl_names_the_line(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="data.jsonl:2: missing field 'completion'"):
         sft.main(sft.Args(dataset=str(data), total_steps=1, output_dir=str(tmp_path / "ckpt")))
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_micro_batches_give_the_loss_and_gradient_of_the_whole_batch(tmp_path, monkeypatch, logged_scalars):
+    """Each micro-batch's loss is normalised by the whole batch's token count, so the parts add up (not a mean of means)."""
+    monkeypatch.chdir(tmp_path)
+    tiny = dict(total_steps=1, batch_size=8, eval_every=100, eval_size=8, tiny_n_layer=1, tiny_n_embd=32, output_dir=str(tmp_path / "c"))
+    runs = []
+    for micro_batch_size in (None, 1):
+        sft.main(sft.Args(micro_batch_size=micro_batch_size, **tiny))
+        runs.append({tag: logged_scalars[(tag, 1)] for tag in ("losses/sft_loss", "losses/grad_norm")})
+    assert runs[1] == pytest.approx(runs[0], rel=1e-4)
