@@ -429,6 +429,14 @@ def test_truncated_completions_leave_the_loss_not_the_logged_length_and_an_updat
     assert ("losses/entropy", 1) not in logged_scalars and ("clip/low", 1) not in logged_scalars  # not reported as 0
 
 
+def test_logged_learning_rate_warms_up_to_the_peak_then_decays(tiny_checkpoint, tmp_path, monkeypatch, logged_scalars):
+    """Factor min((u + 1) / w, (T - u) / (T - w)) for update u, logged at the step that used it: w = 2, T = 4."""
+    monkeypatch.chdir(tmp_path)
+    grpo.main(small_args(tiny_checkpoint, tmp_path, total_steps=4, warmup_steps=2, learning_rate=1e-3, eval_every=10))
+    logged = [logged_scalars[("charts/learning_rate", step)] for step in range(1, 5)]
+    assert logged == pytest.approx([0.5e-3, 1e-3, 1e-3, 0.5e-3])
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

@@ -33,12 +33,17 @@ def test_sft_loss_ignores_prompt_and_padding_tokens():
     torch.testing.assert_close(sft.sft_loss(model, batch), (alone * 3 + other * 8) / 11)
 
 
-def test_sft_end_to_end_writes_a_checkpoint_that_generates(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    args = sft.Args(
+def tiny_run_args(tmp_path, **overrides) -> sft.Args:
+    """A few steps of a 1-layer tiny model, checkpoint under tmp_path/ckpt."""
+    defaults = dict(
         total_steps=3, batch_size=8, eval_every=2, eval_size=8, tiny_n_layer=1, tiny_n_embd=32, output_dir=str(tmp_path / "ckpt")
     )
-    sft.main(args)
+    return sft.Args(**{**defaults, **overrides})
+
+
+def test_sft_end_to_end_writes_a_checkpoint_that_generates(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sft.main(tiny_run_args(tmp_path))
     assert (tmp_path / "runs").is_dir()
     tokenizer = common.load_tokenizer(str(tmp_path / "ckpt"))
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
@@ -52,17 +57,7 @@ def test_sft_on_jsonl(rows, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join('{"prompt": "say hi: ", "completion": "hi"}' for _ in range(rows)))
-    sft.main(
-        sft.Args(
-            dataset=str(data),
-            total_steps=2,
-            batch_size=4,
-            warmup_steps=0,
-            tiny_n_layer=1,
-            tiny_n_embd=32,
-            output_dir=str(tmp_path / "ckpt"),
-        )
-    )
+    sft.main(tiny_run_args(tmp_path, dataset=str(data), total_steps=2, batch_size=4, warmup_steps=0))
     assert (tmp_path / "ckpt" / "config.json").is_file()
 
 
@@ -78,9 +73,15 @@ def test_sft_bad_jsonl_names_the_line(tmp_path, monkeypatch):
 def test_micro_batches_give_the_loss_and_gradient_of_the_whole_batch(tmp_path, monkeypatch, logged_scalars):
     """Each micro-batch's loss is normalised by the whole batch's token count, so the parts add up (not a mean of means)."""
     monkeypatch.chdir(tmp_path)
-    tiny = dict(total_steps=1, batch_size=8, eval_every=100, eval_size=8, tiny_n_layer=1, tiny_n_embd=32, output_dir=str(tmp_path / "c"))
     runs = []
     for micro_batch_size in (None, 1):
-        sft.main(sft.Args(micro_batch_size=micro_batch_size, **tiny))
+        sft.main(tiny_run_args(tmp_path, total_steps=1, eval_every=100, micro_batch_size=micro_batch_size))
         runs.append({tag: logged_scalars[(tag, 1)] for tag in ("losses/sft_loss", "losses/grad_norm")})
     assert runs[1] == pytest.approx(runs[0], rel=1e-4)
+
+
+def test_logged_learning_rate_is_the_rate_each_step_used(tmp_path, monkeypatch, logged_scalars):
+    """Linear warm-up to the peak over 2 steps, then linear decay to 0 at step 4: factors 1/2, 1, 1, 1/2."""
+    monkeypatch.chdir(tmp_path)
+    sft.main(tiny_run_args(tmp_path, total_steps=4, warmup_steps=2, learning_rate=1e-3, eval_every=100))
+    assert [logged_scalars[("charts/learning_rate", step)] for step in range(1, 5)] == pytest.approx([0.5e-3, 1e-3, 1e-3, 0.5e-3])
