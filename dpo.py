@@ -293,6 +293,11 @@ def main(args: Args) -> None:
     if args.rejected_from_model:
         pairs = rejected_from_model(model, tokenizer, pairs, args.digits + 2, args.chat_template)
     tokenized = [tokenize_pair(tokenizer, row, args.max_length, args.chat_template) for row in pairs]
+    empty = next((number for number, (prompt_ids, *_) in enumerate(tokenized, start=1) if not prompt_ids), None)
+    if empty is not None:  # log pi(y_1 | x) needs at least one prompt token to be predicted from
+        raise ValueError(
+            f"{args.dataset}: pair {empty} (counting non-blank lines) has an empty prompt; the first completion token needs one"
+        )
     num_truncated = sum(truncated for *_, truncated in tokenized)
     if num_truncated:
         print(f"{num_truncated} of {len(tokenized)} pairs had a completion longer than --max-length {args.max_length} allows; cut")

@@ -321,6 +321,9 @@ def test_bad_jsonl_names_the_line(tiny_checkpoint, tmp_path, monkeypatch):
     data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')
     with pytest.raises(ValueError, match="pairs.jsonl:2: missing field 'rejected'"):
         run_dpo(tmp_path, tiny_checkpoint, dataset=str(data))
+    data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "", "chosen": "b", "rejected": "c"}\n')
+    with pytest.raises(ValueError, match="pairs.jsonl: pair 2 .* has an empty prompt"):
+        run_dpo(tmp_path, tiny_checkpoint, dataset=str(data))
     assert not (tmp_path / "ckpt").exists()
 
 
