@@ -346,9 +346,7 @@ def policy_update(model, optimizer, scheduler, reference, rollout: dict, args: A
     # whole groups runs each prompt once (completion_logprobs). Reference and old log-probs are computed once per
     # rollout, on these rows; with mu = 1 the old policy is the current one (rho = 1) and needs no pass of its own.
     advantages = rollout["advantages"]
-    keep_group = advantages.view(-1, args.group_size).ne(0).any(dim=1)
-    if args.beta != 0.0:  # the KL term has a gradient on every row
-        keep_group[:] = True
+    keep_group = advantages.view(-1, args.group_size).ne(0).any(dim=1) | (args.beta != 0.0)  # with beta, KL moves every row
     update_rows = keep_group.repeat_interleave(args.group_size).nonzero().squeeze(1)
     input_ids, attention_mask = rollout["input_ids"][update_rows], rollout["attention_mask"][update_rows]
     mask, advantages = rollout["mask"][update_rows], advantages[update_rows]
