@@ -256,11 +256,13 @@ def shard(items, rank: int, world_size: int):
     return items[rank * size : (rank + 1) * size]
 
 
-def apply_lora(model, r: int, alpha: float, target_modules: str = "all-linear"):
+def apply_lora(model, r: int, alpha: float, target_modules: str = "all-linear", task_type: str = "CAUSAL_LM"):
     """Freeze the model and add trainable LoRA adapters W + (alpha / r) B A (peft) to `target_modules`.
 
     B starts at 0, so the wrapped model computes exactly what the base model does; with
     `model.disable_adapter()` it is the base model again, which is the reference policy for free.
+    task_type="SEQ_CLS" (a reward model) also trains its new `score` head whole and saves it with the adapters.
+    The adapters are added in place: `model` itself runs with them, the returned wrapper saves and merges them.
     """
     try:
         from peft import LoraConfig, get_peft_model
@@ -272,7 +274,7 @@ def apply_lora(model, r: int, alpha: float, target_modules: str = "all-linear"):
         r=r,
         lora_alpha=alpha,
         target_modules=targets,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
         lora_dropout=0.0,
         fan_in_fan_out=transposed,
     )

@@ -68,6 +68,12 @@ class Args:
     """pairs per forward/backward pass; gradients accumulate over the batch (default: the whole batch of this process)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass instead of storing them: less memory, more compute"""
+    lora_r: int = 0
+    """rank of LoRA adapters (needs peft); 0 trains every weight. The score head is trained whole either way"""
+    lora_alpha: float = 16.0
+    """LoRA scale alpha: the adapter adds (alpha / r) B A to each target weight"""
+    lora_target_modules: str = "all-linear"
+    """comma-separated module names that get adapters, or `all-linear`"""
     learning_rate: float = 3e-4
     """peak learning rate of AdamW"""
     warmup_steps: int = 100
@@ -79,7 +85,8 @@ class Args:
     center_rewards_coefficient: float = 0.01
     """weight of the auxiliary loss mean((r_c + r_r)^2) that keeps rewards centred on 0 (0 turns it off)"""
     shift_bias_to_zero_mean: bool = False
-    """after training, shift the reward by a constant so its mean over the training completions is 0"""
+    """after training, shift the reward by a constant so its mean over the training completions is 0 (with --lora-r and
+    no head bias the shift goes into the final norm: in the merged checkpoint, not in its adapter/ folder)"""
     eval_every: int = 250
     """evaluate on the held-out pairs every this many steps (and at the end)"""
     eval_size: int = 500
@@ -203,8 +210,8 @@ def shift_reward(model, shift: float) -> None:
 
 
 def main(args: Args) -> None:
-    if min(args.total_steps, args.batch_size, args.eval_every, args.max_length, args.micro_batch_size or 1) < 1:
-        raise ValueError("--total-steps, --batch-size, --micro-batch-size, --eval-every and --max-length must be at least 1")
+    if min(args.total_steps, args.batch_size, args.eval_every, args.max_length, args.micro_batch_size or 1) < 1 or args.lora_r < 0:
+        raise ValueError("--total-steps, --batch-size, --micro-batch-size, --eval-every and --max-length must be at least 1, --lora-r >= 0")
     rank, world_size, device = common.setup_distributed(args.device)  # (0, 1, device) without torchrun
     if args.batch_size % world_size:
         raise ValueError(f"--batch-size {args.batch_size} must divide by the number of processes, {world_size}")
@@ -226,10 +233,16 @@ def main(args: Args) -> None:
         raise ValueError(f"--shift-bias-to-zero-mean: {args.model} has neither a score bias nor a final LayerNorm bias to shift")
     args.max_length = min(args.max_length, getattr(model.config, "max_position_embeddings", args.max_length))
     model.to(device)
+    # LoRA adds its adapters to `model` in place (scoring below runs through them); the wrapper is what merges and saves them
+    to_save = common.apply_lora(model, args.lora_r, args.lora_alpha, args.lora_target_modules, "SEQ_CLS") if args.lora_r else model
     if args.gradient_checkpointing:
         common.enable_gradient_checkpointing(model)
     common.broadcast_parameters(model)  # the new score head is random: every process starts from rank 0's
-    print(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters on {device} in {dtype}, autocast {autocast_dtype}")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    print(
+        f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters ({sum(p.numel() for p in trainable):,} trained)"
+        f" on {device} in {dtype}, autocast {autocast_dtype}"
+    )
 
     train_pairs = [tokenize_pair(tokenizer, row, args.max_length, args.chat_template) for row in train_rows]
     eval_pairs = [tokenize_pair(tokenizer, row, args.max_length, args.chat_template)[:2] for row in eval_rows]
@@ -241,7 +254,7 @@ def main(args: Args) -> None:
     margins = torch.tensor([float(row.get("margin", 0.0)) for row in train_rows], device=device)
 
     # fused=True: one kernel updates every parameter tensor (the same AdamW step without a Python loop over tensors; HF Trainer's default)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)
+    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: min(
@@ -320,7 +333,7 @@ def main(args: Args) -> None:
         writer.add_scalar("charts/reward_shift", -mean_reward, args.total_steps)
         print(f"shifted rewards by {-mean_reward:+.4f}: mean reward on the training completions is now 0")
 
-    common.save_checkpoint(model, tokenizer, args.output_dir)
+    common.save_checkpoint(to_save, tokenizer, args.output_dir)
     print(f"saved {args.output_dir} after {time.time() - start_time:.0f}s")
     writer.close()
 

@@ -183,6 +183,31 @@ def test_end_to_end_checkpoint_loads_and_matches_the_training_time_scorer(tmp_pa
     )
 
 
+def test_lora_trains_adapters_and_the_whole_head_and_saves_a_plain_reward_model(tmp_path, monkeypatch, tiny_checkpoint):
+    """--lora-r: the backbone's own weights stay frozen, the adapters and the new score head train; the checkpoint
+    is a merged AutoModelForSequenceClassification, and the adapters saved beside it (head included) rebuild it."""
+    from peft import PeftModel
+
+    monkeypatch.chdir(tmp_path)
+    reward_model.main(run_args(tmp_path, tiny_checkpoint, lora_r=4, learning_rate=1e-2, gradient_checkpointing=True))
+    start = AutoModelForSequenceClassification.from_pretrained(tiny_checkpoint, num_labels=1).state_dict()
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    state = merged.state_dict()
+    assert torch.equal(state["transformer.wte.weight"], start["transformer.wte.weight"]), "embeddings carry no adapter: frozen"
+    assert not torch.equal(state["transformer.h.0.attn.c_attn.weight"], start["transformer.h.0.attn.c_attn.weight"]), "merged"
+    tokenizer = common.load_tokenizer(str(tmp_path / "rm"))
+    pairs = [reward_model.tokenize_pair(tokenizer, row, 64, False)[:2] for row in common.arithmetic_preference_pairs(8, split="test")]
+    batch = reward_model.collate_pairs(pairs, tokenizer.pad_token_id, "cpu")
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_checkpoint, num_labels=1)  # a new random head
+    adapted = PeftModel.from_pretrained(base, tmp_path / "rm" / "adapter").eval()
+    with torch.no_grad():
+        merged_scores = torch.cat(reward_model.score_pairs(merged, batch))
+        torch.testing.assert_close(
+            torch.cat(reward_model.score_pairs(adapted.get_base_model(), batch)), merged_scores, atol=1e-5, rtol=1e-5
+        )
+        torch.testing.assert_close(merged(**batch).logits.squeeze(-1), merged_scores, atol=1e-5, rtol=1e-5)
+
+
 def test_jsonl_with_margins_trains_and_a_bad_margin_names_the_line(tmp_path, monkeypatch, tiny_checkpoint):
     monkeypatch.chdir(tmp_path)
     data = tmp_path / "pairs.jsonl"
