@@ -1,5 +1,6 @@
 # RLHF PPO: a policy, a value model (critic), a frozen reference and a frozen reward model; per-token KL-shaped
 # reward, GAE, clipped surrogate and clipped value loss (InstructGPT-style). README.md, section "PPO".
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -70,6 +71,13 @@ class Args:
     """minibatches per pass, reshuffled every epoch; must divide --batch-size (per process under torchrun)"""
     gradient_checkpointing: bool = False
     """recompute the policy's and the value model's activations in the backward pass: less memory, more compute"""
+    lora_r: int = 0
+    """rank of LoRA adapters (needs peft) on the policy and the value model; 0 trains every weight. With LoRA the
+    reference is the policy with its adapters off (no second copy) and the value head is trained whole"""
+    lora_alpha: float = 16.0
+    """LoRA scale alpha: the adapter adds (alpha / r) B A to each target weight"""
+    lora_target_modules: str = "all-linear"
+    """comma-separated module names that get adapters, or `all-linear`"""
     learning_rate: float = 1e-4
     """AdamW learning rate of the policy, decayed linearly to 0"""
     value_learning_rate: float = 1e-3
@@ -275,6 +283,8 @@ def main(args: Args):
         raise ValueError(f"--target-kl must be positive, got {args.target_kl}")
     if args.temperature <= 0:
         raise ValueError(f"--temperature must be positive (PPO samples), got {args.temperature}")
+    if args.lora_r < 0:
+        raise ValueError(f"--lora-r must be >= 0, got {args.lora_r}")
     rank, world_size, device = common.setup_distributed(args.device)  # (0, 1, device) without torchrun
     if args.batch_size % (world_size * args.num_minibatches):
         raise ValueError(f"--batch-size {args.batch_size} must divide by {world_size} processes x --num-minibatches {args.num_minibatches}")
@@ -285,10 +295,15 @@ def main(args: Args):
     dtype, autocast_dtype = common.choose_precision(args.dtype, device)
 
     # the four models: policy (trained), reference (frozen), reward model (frozen), value model (trained). Dropout is off in all.
+    # With LoRA the reference is the policy with its adapters switched off, so it needs no copy of its own.
     tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
     policy = common.load_model(args.model, AutoModelForCausalLM, args.trust_remote_code, dtype, autocast_dtype).to(device)
-    ref_policy = common.load_model(args.model, AutoModelForCausalLM, args.trust_remote_code, dtype, autocast_dtype)
-    ref_policy = ref_policy.to(device).requires_grad_(False)
+    ref_policy = None
+    if args.lora_r:
+        policy = common.apply_lora(policy, args.lora_r, args.lora_alpha, args.lora_target_modules)
+    else:
+        ref_policy = common.load_model(args.model, AutoModelForCausalLM, args.trust_remote_code, dtype, autocast_dtype)
+        ref_policy = ref_policy.to(device).requires_grad_(False)
     reward_model = reward_tokenizer = None
     if args.reward_fn == "reward_model":
         reward_model = common.load_model(
@@ -301,14 +316,19 @@ def main(args: Args):
     # the policy. It reads the policy's token ids, so a reward model with another tokenizer cannot be its start.
     value_source = args.reward_model if reward_model is not None and same_tokenizer else args.model
     value_model = load_value_model(value_source, args.trust_remote_code, dtype, autocast_dtype).to(device)
+    if args.lora_r:  # adapters added in place; the value model is not saved, so its peft wrapper is not needed
+        common.apply_lora(value_model, args.lora_r, args.lora_alpha, args.lora_target_modules, "SEQ_CLS")
     if args.gradient_checkpointing:
         common.enable_gradient_checkpointing(policy)
         common.enable_gradient_checkpointing(value_model)
     common.broadcast_parameters(policy)
     common.broadcast_parameters(value_model)  # every process starts from rank 0's weights
     common.seed_everything(args.seed + rank)  # each process samples different completions
+    policy_parameters = [p for p in policy.parameters() if p.requires_grad]
+    value_parameters = [p for p in value_model.parameters() if p.requires_grad]
     print(
-        f"policy {args.model}: {sum(p.numel() for p in policy.parameters()):,} parameters; value model from {value_source}; on {device} in {dtype}, autocast {autocast_dtype}"
+        f"policy {args.model}: {sum(p.numel() for p in policy.parameters()):,} parameters ({sum(p.numel() for p in policy_parameters):,} trained);"
+        f" value model from {value_source}; on {device} in {dtype}, autocast {autocast_dtype}"
     )
 
     train_rows, eval_rows = load_rows(args)
@@ -316,10 +336,10 @@ def main(args: Args):
         row["prompt_ids"] = common.tokenize_prompt(tokenizer, row["prompt"], args.chat_template)
     max_new_tokens = args.max_new_tokens or (args.digits + 2 if args.dataset == "arithmetic" else 64)
 
-    parameters = list(policy.parameters()) + list(value_model.parameters())
+    parameters = policy_parameters + value_parameters
     # fused=True: one kernel updates every parameter tensor (the same AdamW step without a Python loop over tensors; HF Trainer's default)
     optimizer = torch.optim.AdamW(
-        [{"params": policy.parameters(), "lr": args.learning_rate}, {"params": value_model.parameters(), "lr": args.value_learning_rate}],
+        [{"params": policy_parameters, "lr": args.learning_rate}, {"params": value_parameters, "lr": args.value_learning_rate}],
         eps=1e-5,
         weight_decay=0.0,
         fused=True,
@@ -371,7 +391,8 @@ def main(args: Args):
             old_logprobs = common.token_logprobs(logits, completion_ids, args.temperature)
             entropy = common.masked_mean(common.entropy_from_logits(logits, args.temperature), mask)
             del logits
-            ref_logits = completion_logits(ref_policy, sequences, attention_mask, prompt_length)
+            with policy.disable_adapter() if args.lora_r else contextlib.nullcontext():
+                ref_logits = completion_logits(policy if args.lora_r else ref_policy, sequences, attention_mask, prompt_length)
             ref_logprobs = common.token_logprobs(ref_logits, completion_ids, args.temperature)
             del ref_logits
             old_values = completion_values(value_model, sequences, attention_mask, prompt_length)

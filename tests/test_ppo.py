@@ -300,6 +300,30 @@ def test_end_to_end_with_a_reward_model_updates_policy_and_value(tiny_checkpoint
     assert not changed(saved, policy) and (tmp_path / "runs").is_dir()
 
 
+def test_lora_uses_the_policy_with_adapters_off_as_reference_and_freezes_both_backbones(
+    tiny_checkpoint, tiny_reward_model, tmp_path, monkeypatch, logged_scalars
+):
+    monkeypatch.chdir(tmp_path)
+    loaded = []
+    load_model = common.load_model
+    monkeypatch.setattr(
+        common, "load_model", lambda path, model_class=None, *a, **k: loaded.append(model_class) or load_model(path, model_class, *a, **k)
+    )
+    policy, value_model = ppo.main(
+        tiny_args(tmp_path, tiny_checkpoint, reward_model=tiny_reward_model, lora_r=4, gradient_checkpointing=True)
+    )
+    assert loaded.count(AutoModelForCausalLM) == 1, "no reference copy: the reference is the policy with its adapters off"
+    # the reference is the starting policy: the KL is exactly 0 before the first update and not after it
+    assert logged_scalars[("objective/kl", 1)] == 0 and logged_scalars[("objective/kl", 2)] != 0
+    value_trained = {name for name, p in value_model.named_parameters() if p.requires_grad}
+    assert value_trained and all("lora_" in name or "score" in name for name in value_trained)
+    assert torch.any(value_model.score.weight != 0), "the value head, zero at the start, is trained"
+    # the policy is saved with its adapters merged (a plain causal LM): its weights moved, the embeddings (no adapter) did not
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "ppo")
+    start = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+    assert changed(saved, start) and torch.equal(saved.transformer.wte.weight, start.transformer.wte.weight)
+
+
 def test_a_reward_model_with_another_tokenizer_is_scored_on_its_tokens_and_the_critic_starts_from_the_policy(
     tiny_checkpoint, tmp_path, monkeypatch, capsys
 ):
