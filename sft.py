@@ -239,14 +239,16 @@ def main(args: Args) -> None:
 
         if eval_tokenized and (step % args.eval_every == 0 or step == args.total_steps):  # a file of < 10 rows holds none out
             model.eval()
-            with torch.no_grad():
-                eval_losses = [
+            with torch.no_grad():  # the mean over every held-out completion token: each batch's loss is normalised by their count
+                eval_tokens = torch.tensor(sum(label != -100 for _, labels, _ in eval_tokenized for label in labels[1:]), device=device)
+                eval_loss = sum(
                     sft_loss(
-                        model, collate([e[:2] for e in eval_tokenized[i : i + micro_batch_size]], tokenizer.pad_token_id, device)
+                        model,
+                        collate([e[:2] for e in eval_tokenized[i : i + micro_batch_size]], tokenizer.pad_token_id, device),
+                        eval_tokens,
                     ).item()
                     for i in range(0, len(eval_tokenized), micro_batch_size)
-                ]
-            eval_loss = sum(eval_losses) / len(eval_losses)
+                )
             writer.add_scalar("charts/eval_loss", eval_loss, step)
             line = f"step {step:5d}  loss {loss.item():.4f}  eval_loss {eval_loss:.4f}  SPS {step / (time.time() - start_time):.1f}"
             if args.dataset == "arithmetic":
