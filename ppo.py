@@ -69,6 +69,10 @@ class Args:
     """passes over each rollout"""
     num_minibatches: int = 4
     """minibatches per pass, reshuffled every epoch; must divide --batch-size (per process under torchrun)"""
+    micro_batch_size: int | None = None
+    """rows per forward/backward pass: a minibatch's gradient is accumulated over micro-batches of this size, and the
+    rollout's no-grad passes (old, reference and reward scores, values) run in chunks of it. Default: a whole minibatch
+    in the update, the whole rollout in its passes"""
     gradient_checkpointing: bool = False
     """recompute the policy's and the value model's activations in the backward pass: less memory, more compute"""
     lora_r: int = 0
@@ -283,8 +287,8 @@ def main(args: Args):
         raise ValueError(f"--target-kl must be positive, got {args.target_kl}")
     if args.temperature <= 0:
         raise ValueError(f"--temperature must be positive (PPO samples), got {args.temperature}")
-    if args.lora_r < 0:
-        raise ValueError(f"--lora-r must be >= 0, got {args.lora_r}")
+    if args.lora_r < 0 or (args.micro_batch_size is not None and args.micro_batch_size < 1):
+        raise ValueError(f"--lora-r must be >= 0 (got {args.lora_r}), --micro-batch-size >= 1 (got {args.micro_batch_size})")
     rank, world_size, device = common.setup_distributed(args.device)  # (0, 1, device) without torchrun
     if args.batch_size % (world_size * args.num_minibatches):
         raise ValueError(f"--batch-size {args.batch_size} must divide by {world_size} processes x --num-minibatches {args.num_minibatches}")
@@ -348,6 +352,8 @@ def main(args: Args):
     generator = torch.Generator().manual_seed(args.seed)  # the same on every process: they agree on each batch's prompts
     order = torch.randperm(len(train_rows), generator=generator).tolist()
     minibatch_size = local_batch_size // args.num_minibatches
+    rollout_rows = args.micro_batch_size or local_batch_size  # rows per no-grad pass of the rollout
+    rollout_chunks = [slice(i, i + rollout_rows) for i in range(0, local_batch_size, rollout_rows)]
     kl_coef = args.kl_coef
 
     def evaluate(step: int) -> None:
@@ -386,26 +392,29 @@ def main(args: Args):
             mask, has_eos = common.completion_mask(completion_ids, tokenizer.eos_token_id)  # up to and including the first EOS
             attention_mask = torch.cat([prompt_batch["attention_mask"], mask], dim=1)
 
-            # 2. old log-probs, reference log-probs and old values, all teacher-forced with position ids from the mask
-            logits = completion_logits(policy, sequences, attention_mask, prompt_length)
-            old_logprobs = common.token_logprobs(logits, completion_ids, args.temperature)
-            entropy = common.masked_mean(common.entropy_from_logits(logits, args.temperature), mask)
-            del logits
-            with policy.disable_adapter() if args.lora_r else contextlib.nullcontext():
-                ref_logits = completion_logits(policy if args.lora_r else ref_policy, sequences, attention_mask, prompt_length)
-            ref_logprobs = common.token_logprobs(ref_logits, completion_ids, args.temperature)
-            del ref_logits
-            old_values = completion_values(value_model, sequences, attention_mask, prompt_length)
+            # 2. old log-probs, reference log-probs and old values, all teacher-forced with position ids from the mask,
+            # chunk by chunk of rows (--micro-batch-size)
+            old_logprobs, entropies, ref_logprobs, old_values = [], [], [], []
+            for rows in rollout_chunks:
+                logits = completion_logits(policy, sequences[rows], attention_mask[rows], prompt_length)
+                old_logprobs.append(common.token_logprobs(logits, completion_ids[rows], args.temperature))
+                entropies.append(common.entropy_from_logits(logits, args.temperature))
+                with policy.disable_adapter() if args.lora_r else contextlib.nullcontext():
+                    logits = completion_logits(policy if args.lora_r else ref_policy, sequences[rows], attention_mask[rows], prompt_length)
+                ref_logprobs.append(common.token_logprobs(logits, completion_ids[rows], args.temperature))
+                old_values.append(completion_values(value_model, sequences[rows], attention_mask[rows], prompt_length))
+                del logits
+            old_logprobs, ref_logprobs, old_values = torch.cat(old_logprobs), torch.cat(ref_logprobs), torch.cat(old_values)
+            entropy = common.masked_mean(torch.cat(entropies), mask)
 
             # 3. the sequence score: the frozen reward model at the last real token, or the verifiable reward
             completions = common.decode_completions(tokenizer, completion_ids, mask)
             if args.reward_fn == "reward_model":
                 if same_tokenizer:
-                    scores = common.reward_model_scores(reward_model, sequences, attention_mask)
+                    reward_inputs = sequences, attention_mask
                 else:
-                    scores = common.reward_model_scores(
-                        reward_model, *reward_model_inputs(args, reward_tokenizer, prompts, completions, has_eos, device)
-                    )
+                    reward_inputs = reward_model_inputs(args, reward_tokenizer, prompts, completions, has_eos, device)
+                scores = torch.cat([common.reward_model_scores(reward_model, *(t[rows] for t in reward_inputs)) for rows in rollout_chunks])
             else:
                 answers = [row["answer"] for row in batch_rows]
                 scores = torch.tensor(common.arithmetic_reward(prompts, completions, answers), device=device)
@@ -420,30 +429,40 @@ def main(args: Args):
             advantages = common.masked_whiten(advantages, mask)
 
         # 5. PPO update: epochs x shuffled minibatches of the rollout. Under torchrun each process updates on minibatches
-        # of its own rows and the gradients are averaged over processes, as DistributedDataParallel does.
+        # of its own rows and the gradients are averaged over processes, as DistributedDataParallel does. A minibatch runs
+        # in micro-batches whose losses are weighted by their share of its tokens, so the gradients add up to its loss's.
         policy.train()
         value_model.train()
         update_metrics = []
         learning_rate = scheduler.get_last_lr()[0]  # the policy's rate in this update; scheduler.step() moves to the next one's
         for _ in range(args.num_ppo_epochs):
             for indices in torch.randperm(local_batch_size, device=device).split(minibatch_size):
-                logits = completion_logits(policy, sequences[indices], attention_mask[indices], prompt_length)
-                logprobs = common.token_logprobs(logits, completion_ids[indices], args.temperature)
-                values = completion_values(value_model, sequences[indices], attention_mask[indices], prompt_length)
-                policy_loss, metrics = ppo_policy_loss(logprobs, old_logprobs[indices], advantages[indices], mask[indices], args.clip_range)
-                value_loss, value_clipfrac = ppo_value_loss(
-                    values, old_values[indices], returns[indices], mask[indices], args.clip_range_value
-                )
-                loss = policy_loss + args.vf_coef * value_loss
                 optimizer.zero_grad(set_to_none=True)
-                (loss / world_size).backward()  # summed over processes below: the mean of their minibatch losses
+                minibatch_tokens = mask[indices].sum()
+                new_logprobs, new_values = [], []
+                for rows in indices.split(args.micro_batch_size or minibatch_size):
+                    logits = completion_logits(policy, sequences[rows], attention_mask[rows], prompt_length)
+                    logprobs = common.token_logprobs(logits, completion_ids[rows], args.temperature)
+                    values = completion_values(value_model, sequences[rows], attention_mask[rows], prompt_length)
+                    policy_loss, _ = ppo_policy_loss(logprobs, old_logprobs[rows], advantages[rows], mask[rows], args.clip_range)
+                    value_loss, _ = ppo_value_loss(values, old_values[rows], returns[rows], mask[rows], args.clip_range_value)
+                    share = mask[rows].sum() / minibatch_tokens  # masked means over the rows -> over the minibatch's tokens
+                    # summed over processes below: the mean of their minibatch losses
+                    ((policy_loss + args.vf_coef * value_loss) * share / world_size).backward()
+                    new_logprobs.append(logprobs.detach())
+                    new_values.append(values.detach())
+                with torch.no_grad():  # the minibatch's losses and metrics, at the log-probs and values of this gradient
+                    policy_loss, metrics = ppo_policy_loss(
+                        torch.cat(new_logprobs), old_logprobs[indices], advantages[indices], mask[indices], args.clip_range
+                    )
+                    value_loss, value_clipfrac = ppo_value_loss(
+                        torch.cat(new_values), old_values[indices], returns[indices], mask[indices], args.clip_range_value
+                    )
                 common.all_reduce_gradients(policy)
                 common.all_reduce_gradients(value_model)
                 torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
                 optimizer.step()
-                update_metrics.append(
-                    {**metrics, "policy_loss": policy_loss.detach(), "value_loss": value_loss.detach(), "value_clipfrac": value_clipfrac}
-                )
+                update_metrics.append({**metrics, "policy_loss": policy_loss, "value_loss": value_loss, "value_clipfrac": value_clipfrac})
         scheduler.step()
 
         # 6. logging: sequence-level KL and reward of the whole rollout, means of the update metrics over processes

@@ -324,6 +324,31 @@ def test_lora_uses_the_policy_with_adapters_off_as_reference_and_freezes_both_ba
     assert changed(saved, start) and torch.equal(saved.transformer.wte.weight, start.transformer.wte.weight)
 
 
+def test_micro_batches_give_the_updates_and_metrics_of_whole_minibatches(
+    tiny_checkpoint, tiny_reward_model, tmp_path, monkeypatch, logged_scalars
+):
+    """--micro-batch-size 1: every forward pass of the rollout and the update runs row by row; the gradients add up to
+    the minibatch's (each micro-batch weighted by its share of the tokens), so training and metrics are unchanged."""
+    monkeypatch.chdir(tmp_path)
+    runs = []
+    for micro_batch_size in (None, 1):
+        torch.manual_seed(0)
+        policy, value_model = ppo.main(
+            tiny_args(tmp_path, tiny_checkpoint, reward_model=tiny_reward_model, micro_batch_size=micro_batch_size)
+        )
+        runs.append((dict(logged_scalars), policy, value_model))
+        logged_scalars.clear()
+    (whole, whole_policy, whole_value), (micro, micro_policy, micro_value) = runs
+    tags = {tag for tag, step in whole if not tag.startswith("charts/")}
+    assert {"losses/policy_loss", "losses/value_loss", "policy/ratio_var", "objective/scores"} <= tags
+    assert {key: micro[key] for key in whole if key[0] in tags} == pytest.approx(
+        {key: whole[key] for key in whole if key[0] in tags}, rel=1e-3, abs=1e-6
+    )
+    for model, reference in ((micro_policy, whole_policy), (micro_value, whole_value)):
+        for p, q in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
+
+
 def test_a_reward_model_with_another_tokenizer_is_scored_on_its_tokens_and_the_critic_starts_from_the_policy(
     tiny_checkpoint, tmp_path, monkeypatch, capsys
 ):
