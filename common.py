@@ -10,6 +10,7 @@ import shutil
 import string
 import sys
 import time
+import types
 import zlib
 from pathlib import Path
 
@@ -67,19 +68,19 @@ def enable_autocast(model, autocast_dtype: torch.dtype | None):
 
     The body is where the compute is; the heads on top of it (LM head, score head) run in the weights' fp32, so
     logits and rewards come out fp32. Mixed precision without a wrapper class: the forward method of that one
-    module is replaced, so generate, save_pretrained and peft see the same model as before.
+    module is replaced, so generate, save_pretrained and peft see the same model as before. It is a method bound
+    to the body, so a copy.deepcopy of the model (a reference copy) runs its own weights, not the original's.
     """
     if autocast_dtype is None:
         return model
     body = model.base_model
-    forward = body.forward
 
-    @functools.wraps(forward)
-    def autocast_forward(*args, **kwargs):
-        with torch.autocast(next(body.parameters()).device.type, dtype=autocast_dtype):
-            return forward(*args, **kwargs)
+    @functools.wraps(type(body).forward)
+    def autocast_forward(self, *args, **kwargs):
+        with torch.autocast(next(self.parameters()).device.type, dtype=autocast_dtype):
+            return type(self).forward(self, *args, **kwargs)
 
-    body.forward = autocast_forward
+    body.forward = types.MethodType(autocast_forward, body)
     return model
 
 

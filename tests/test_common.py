@@ -50,6 +50,11 @@ def test_mixed_precision_runs_the_body_in_bf16_and_keeps_weights_heads_and_gradi
     assert all(parameter.grad.dtype == torch.float32 for parameter in mixed.parameters() if parameter.grad is not None)
     output = mixed.generate(ids[:1], max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert output.shape == (1, ids.size(1) + 3)
+    copy_of_mixed = copy.deepcopy(mixed)  # a reference copy runs its own weights, still under autocast
+    with torch.no_grad():
+        copy_of_mixed.base_model.h[0].mlp.c_fc.weight.zero_()
+    assert not torch.allclose(copy_of_mixed(ids).logits, logits) and torch.equal(mixed(ids).logits, logits)
+    assert matmul_dtypes[-2:] == [torch.bfloat16] * 2
 
 
 def test_missing_model_path_is_a_clear_error(tmp_path):
