@@ -3,6 +3,7 @@
 import functools
 import gc
 import json
+import math
 import os
 import random
 import re
@@ -478,6 +479,8 @@ def read_jsonl(path: str, required_fields: tuple[str, ...]) -> list[dict]:
                 value = row[field]
                 if isinstance(value, bool) or not isinstance(value, (str, int, float)):
                     raise ValueError(f"{path}:{line_number}: field {field!r} must be a string, got {type(value).__name__}")
+                if isinstance(value, float) and not math.isfinite(value):  # json reads NaN and Infinity
+                    raise ValueError(f"{path}:{line_number}: field {field!r} must be a string or a finite number, got {value}")
                 row[field] = str(value)
             rows.append(row)
     if not rows:

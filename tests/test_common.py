@@ -255,6 +255,7 @@ def test_read_jsonl(tmp_path):
         ('{"prompt": "b", "answer": null}', "field 'answer' must be a string"),
         ('{"prompt": "b", "answer": ', "not valid JSON"),
         ('["b", "4"]', "expected a JSON object"),
+        ('{"prompt": "b", "answer": NaN}', "field 'answer' must be a string or a finite number, got nan"),
     ],
 )
 def test_read_jsonl_bad_line_names_file_line_and_field(tmp_path, bad_line, message):
