@@ -429,6 +429,16 @@ def test_truncated_completions_leave_the_loss_not_the_logged_length_and_an_updat
     assert ("losses/entropy", 1) not in logged_scalars and ("clip/low", 1) not in logged_scalars  # not reported as 0
 
 
+def test_every_log_prob_and_the_logged_entropy_are_taken_at_the_sampling_temperature(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    temperatures = []
+    for name in ("token_logprobs", "entropy_from_logits"):
+        function = getattr(common, name)
+        monkeypatch.setattr(common, name, lambda logits, *args, f=function: temperatures.append(args[-1]) or f(logits, *args))
+    grpo.main(small_args(tiny_checkpoint, tmp_path, temperature=2.0, beta=0.1, num_iterations=2))
+    assert len(temperatures) > 4 and set(temperatures) == {2.0}  # reference, old and new log-probs, entropy
+
+
 def test_logged_learning_rate_warms_up_to_the_peak_then_decays(tiny_checkpoint, tmp_path, monkeypatch, logged_scalars):
     """Factor min((u + 1) / w, (T - u) / (T - w)) for update u, logged at the step that used it: w = 2, T = 4."""
     monkeypatch.chdir(tmp_path)
