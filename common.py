@@ -158,6 +158,14 @@ def disable_dropout(model: torch.nn.Module) -> None:
                 setattr(module, name, 0.0)
 
 
+def linear_schedule(optimizer, warmup_steps: int, total_steps: int):
+    """The learning rate times min((u + 1) / w, (T - u) / (T - w)) at update u (0-based): linear warm-up to the peak over
+    w = warmup_steps updates, then linear decay to 0 at T = total_steps (w = 0: decay from the first update)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda u: min((u + 1) / max(1, warmup_steps), max(0.0, (total_steps - u) / max(1, total_steps - warmup_steps)))
+    )
+
+
 # ----------------------------------------------------------------------------- several processes, memory savers
 # `torchrun --nproc_per_node N script.py ...` starts N copies of a script (one per GPU, or N CPU processes). Each
 # copy (rank) samples its own share of every batch; the losses are normalised by the whole batch's size, so the

@@ -322,12 +322,7 @@ def main(args: Args) -> None:
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.weight_decay, fused=True
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: min(
-            (step + 1) / max(1, args.warmup_steps), max(0.0, (args.total_steps - step) / max(1, args.total_steps - args.warmup_steps))
-        ),
-    )
+    scheduler = common.linear_schedule(optimizer, args.warmup_steps, args.total_steps)  # warm-up, then linear decay to 0
     generator = torch.Generator().manual_seed(args.seed)  # the same on every process: they agree on each batch
     order = []
 

@@ -489,12 +489,7 @@ def main(args: Args) -> None:
     total_updates = args.total_steps * args.num_iterations
     # fused=True: one kernel updates every parameter tensor (the same AdamW step without a Python loop over tensors; HF Trainer's default)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=0.0, fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda update: min(
-            (update + 1) / max(1, args.warmup_steps), max(0.0, (total_updates - update) / max(1, total_updates - args.warmup_steps))
-        ),
-    )
+    scheduler = common.linear_schedule(optimizer, args.warmup_steps, total_updates)  # warm-up, then linear decay to 0
     generator = torch.Generator().manual_seed(args.seed)  # the same on every process: they agree on each batch's prompts
     order: list[int] = []
 

@@ -348,7 +348,7 @@ def main(args: Args):
         weight_decay=0.0,
         fused=True,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / args.total_steps)
+    scheduler = common.linear_schedule(optimizer, 0, args.total_steps)  # linear decay to 0, no warm-up
     generator = torch.Generator().manual_seed(args.seed)  # the same on every process: they agree on each batch's prompts
     order = torch.randperm(len(train_rows), generator=generator).tolist()
     minibatch_size = local_batch_size // args.num_minibatches

@@ -238,6 +238,18 @@ def test_masked_whiten(seed, rows, length, scale):
     assert common.masked_mean(unshifted, mask).item() == pytest.approx(common.masked_mean(values, mask).item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("warmup_steps, factors", [(2, [0.5, 1.0, 1.0, 0.5]), (0, [1.0, 0.75, 0.5, 0.25])])
+def test_linear_schedule_warms_up_to_the_peak_then_decays_to_zero(warmup_steps, factors):
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2.0)
+    scheduler = common.linear_schedule(optimizer, warmup_steps, total_steps=4)
+    rates = []
+    for _ in range(5):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx([2.0 * factor for factor in factors] + [0.0])
+
+
 # ----------------------------------------------------------------------------- data
 def test_read_jsonl(tmp_path):
     path = tmp_path / "data.jsonl"
