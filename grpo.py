@@ -160,15 +160,18 @@ REWARD_FUNCTIONS = {"arithmetic": common.arithmetic_reward, "math": math_answer_
 
 
 def reward_model_reward(reward_model, tokenizer, chat_template: bool, batch_size: int):
-    """A reward function r(q, o) = the reward model's score of prompt + completion + EOS, re-tokenised with its own tokenizer."""
+    """A reward function r(q, o) = the reward model's score of prompt + completion (+ EOS when the completion ended with
+    one, as reward_model.py trains it; a completion cut at the length limit is scored as the unfinished text it is),
+    re-tokenised with the reward model's own tokenizer."""
 
     @torch.no_grad()
-    def score(prompts: list[str], completions: list[str], **unused_fields) -> list[float]:
+    def score(prompts: list[str], completions: list[str], completion_has_eos: list[bool] | None = None, **unused_fields) -> list[float]:
+        ended = completion_has_eos or [True] * len(completions)
         ids = [
             common.tokenize_prompt(tokenizer, prompt, chat_template)
             + tokenizer(completion, add_special_tokens=False)["input_ids"]
-            + [tokenizer.eos_token_id]
-            for prompt, completion in zip(prompts, completions)
+            + ([tokenizer.eos_token_id] if eos else [])
+            for prompt, completion, eos in zip(prompts, completions, ended)
         ]
         scores = []
         for start in range(0, len(ids), batch_size):
@@ -537,6 +540,7 @@ def main(args: Args) -> None:
         # rewards, so that --scale-rewards batch uses the batch std; each process keeps the advantages of its rows)
         fields = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
         prompt_texts = [row["prompt"] for row in rows]
+        fields["completion_has_eos"] = has_eos.tolist()  # False: cut at --max-completion-length
         local_rewards = torch.tensor([fn(prompt_texts, completions, **fields) for fn in reward_functions], device=device).T
         rewards_per_function = common.all_gather(local_rewards)
         rewards = rewards_per_function @ reward_weights

@@ -337,6 +337,9 @@ def test_reward_model_reward_scores_prompt_plus_completion(tmp_path):
     ids = tokenizer("12+30=42")["input_ids"] + [tokenizer.eos_token_id]
     alone = reward_model(torch.tensor([ids])).logits.item()
     assert rewards[1] == pytest.approx(alone, abs=1e-5) and rewards[0] != rewards[2]
+    # a completion cut at the length limit is scored without the EOS it never produced
+    cut = score(["12+30="], ["42"], completion_has_eos=[False])[0]
+    assert cut == pytest.approx(reward_model(torch.tensor([ids[:-1]])).logits.item(), abs=1e-5) and cut != pytest.approx(alone)
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -414,6 +417,10 @@ def test_truncated_completions_leave_the_loss_not_the_logged_length_and_an_updat
     monkeypatch.chdir(tmp_path)
     rollouts, policy_update = [], grpo.policy_update
     monkeypatch.setattr(grpo, "policy_update", lambda *args: rollouts.append(args[4]) or policy_update(*args))
+    ended, math_reward = [], grpo.REWARD_FUNCTIONS["math"]
+    monkeypatch.setitem(
+        grpo.REWARD_FUNCTIONS, "math", lambda *args, **fields: ended.append(fields["completion_has_eos"]) or math_reward(*args, **fields)
+    )
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(f'{{"prompt": "{i}+10=", "answer": "{i + 10}"}}' for i in range(20)))
     grpo.main(
@@ -424,6 +431,7 @@ def test_truncated_completions_leave_the_loss_not_the_logged_length_and_an_updat
         rollout["input_ids"][:, rollout["prompt_length"] :], common.load_tokenizer(tiny_checkpoint).eos_token_id
     )
     assert (~has_eos).any() and torch.all(rollout["mask"][~has_eos] == 0)  # cut completions are out of the loss ...
+    assert ended == [has_eos.tolist()]  # reward functions are told which completions were cut
     assert logged_scalars[("charts/completion_length", 1)] == 1.0  # ... not out of the logged length
     assert logged_scalars[("charts/frac_reward_zero_std", 1)] == 1.0
     assert ("losses/entropy", 1) not in logged_scalars and ("clip/low", 1) not in logged_scalars  # not reported as 0
