@@ -147,15 +147,16 @@ def collate(pairs: list[tuple[list[int], list[int], list[int]]], pad_token_id: i
     0 on prompt and padding).
     """
     sequences = [(prompt, chosen) for prompt, chosen, _ in pairs] + [(prompt, rejected) for prompt, _, rejected in pairs]
-    length = max(len(prompt) + len(completion) for prompt, completion in sequences)
-    input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    completion_mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for row, (prompt, completion) in enumerate(sequences):
-        end = len(prompt) + len(completion)
-        input_ids[row, :end] = torch.tensor(prompt + completion, dtype=torch.long)
-        attention_mask[row, :end] = 1
-        completion_mask[row, len(prompt) : end] = 1
+    prompt_lengths = torch.tensor([len(prompt) for prompt, _ in sequences])
+    lengths = torch.tensor([len(prompt) + len(completion) for prompt, completion in sequences])
+    length = int(lengths.max())
+    # one tensor from padded lists (a copy per row took about 1 ms a batch, 2% of a tiny model's step)
+    input_ids = torch.tensor(
+        [prompt + completion + [pad_token_id] * (length - len(prompt) - len(completion)) for prompt, completion in sequences]
+    )
+    positions = torch.arange(length)
+    attention_mask = (positions < lengths[:, None]).long()
+    completion_mask = ((positions >= prompt_lengths[:, None]) & (positions < lengths[:, None])).long()
     return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), "completion_mask": completion_mask.to(device)}
 
 

@@ -160,12 +160,11 @@ def tokenize_pair(tokenizer, row: dict, max_length: int, chat_template: bool) ->
 def collate_pairs(pairs: list[tuple[list[int], list[int]]], pad_token_id: int, device) -> dict:
     """One right-padded batch of 2B sequences: rows 0..B-1 are the chosen completions, rows B..2B-1 the rejected ones."""
     sequences = [chosen for chosen, _ in pairs] + [rejected for _, rejected in pairs]
-    length = max(len(ids) for ids in sequences)
-    input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for row, ids in enumerate(sequences):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention_mask[row, : len(ids)] = 1
+    lengths = torch.tensor([len(ids) for ids in sequences])
+    length = int(lengths.max())
+    # one tensor from padded lists (a copy per row took about 1 ms a batch, 2% of a tiny model's step)
+    input_ids = torch.tensor([ids + [pad_token_id] * (length - len(ids)) for ids in sequences])
+    attention_mask = (torch.arange(length) < lengths[:, None]).long()
     return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
 
 
