@@ -88,8 +88,9 @@ class Args:
     """optimizer steps"""
     batch_size: int = 32
     """preference pairs per step, over all processes (the forward pass holds twice as many sequences)"""
-    learning_rate: float = 3e-3
-    """peak learning rate of AdamW"""
+    learning_rate: float = 3e-4
+    """peak learning rate of AdamW; below SFT's, since larger rates first break the model (README.md, "Why the learning
+    rates are small")"""
     weight_decay: float = 0.01
     """AdamW weight decay (torch's default; TRL's DPOTrainer uses 0)"""
     warmup_steps: int = 20

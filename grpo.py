@@ -59,7 +59,7 @@ class Args:
     """one weight per reward function (the rule-based ones, then the reward model); default all 1"""
 
     # GRPO
-    total_steps: int = 300
+    total_steps: int = 1000
     """rollouts; each is followed by --num-iterations optimizer steps"""
     batch_size: int = 128
     """completions per rollout over all processes: (number of prompts) x --group-size"""
@@ -71,8 +71,9 @@ class Args:
     """tokens generated per completion; default digits + 2 on arithmetic, 256 otherwise"""
     temperature: float = 1.0
     """sampling temperature; every log-prob is computed at the same temperature"""
-    learning_rate: float = 5e-4
-    """peak learning rate of AdamW"""
+    learning_rate: float = 3e-5
+    """peak learning rate of AdamW; small, because Adam turns the noise of a sampled policy gradient into full-size steps
+    (README.md, "Why the learning rates are small")"""
     warmup_steps: int = 0
     """optimizer steps of linear warm-up (the rate reaches its peak at the last one), then linear decay to 0"""
     max_grad_norm: float = 1.0

@@ -82,8 +82,9 @@ class Args:
     """LoRA scale alpha: the adapter adds (alpha / r) B A to each target weight"""
     lora_target_modules: str = "all-linear"
     """comma-separated module names that get adapters, or `all-linear`"""
-    learning_rate: float = 1e-4
-    """AdamW learning rate of the policy, decayed linearly to 0"""
+    learning_rate: float = 2e-5
+    """AdamW learning rate of the policy, decayed linearly to 0; small, because Adam turns the noise of a sampled policy
+    gradient into full-size steps (README.md, "Why the learning rates are small")"""
     value_learning_rate: float = 1e-3
     """AdamW learning rate of the value model, decayed linearly to 0 (the critic must track a moving target quickly)"""
     max_grad_norm: float = 1.0

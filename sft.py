@@ -68,16 +68,16 @@ class Args:
     """comma-separated module names that get adapters, or `all-linear`"""
 
     # optimisation
-    total_steps: int = 1000
+    total_steps: int = 2000
     """optimizer steps"""
     batch_size: int = 64
     """examples per step, over all processes"""
-    learning_rate: float = 3e-3
+    learning_rate: float = 1e-3
     """peak learning rate of AdamW"""
     warmup_steps: int = 50
     """linear warm-up steps, then linear decay to 0"""
-    weight_decay: float = 0.0
-    """AdamW weight decay"""
+    weight_decay: float = 0.1
+    """AdamW weight decay (decoupled: each step shrinks every weight by learning_rate * weight_decay)"""
     max_grad_norm: float = 1.0
     """gradient clipping norm"""
     eval_every: int = 250
