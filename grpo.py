@@ -59,7 +59,7 @@ class Args:
     """one weight per reward function (the rule-based ones, then the reward model); default all 1"""
 
     # GRPO
-    total_steps: int = 1000
+    total_steps: int = 3000
     """rollouts; each is followed by --num-iterations optimizer steps"""
     batch_size: int = 128
     """completions per rollout over all processes: (number of prompts) x --group-size"""
@@ -92,7 +92,7 @@ class Args:
     """divide centred rewards by the group std, the batch std, or nothing (Dr. GRPO)"""
     mask_truncated_completions: bool = False
     """leave completions that never produced EOS out of the loss"""
-    eval_every: int = 25
+    eval_every: int = 100
     """evaluate held-out greedy accuracy every this many steps (and before the first and after the last)"""
     eval_size: int = 500
     """held-out examples to evaluate on"""
