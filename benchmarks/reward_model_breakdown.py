@@ -13,12 +13,12 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import tyro
 from transformers import AutoModelForSequenceClassification
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
+import reward_model  # noqa: E402
 
 
 @dataclass
@@ -39,22 +39,6 @@ def differing_digit(chosen: str, rejected: str) -> str:
     return ("units", "tens", "hundreds")[places[0]] if len(places) == 1 and places[0] < 3 else "several"
 
 
-@torch.no_grad()
-def scores(model, tokenizer, pairs: list[dict], key: str, batch_size: int = 256) -> torch.Tensor:
-    """r(x, y) of prompt + completion + EOS, as reward_model.py builds its pairs."""
-    ids = [
-        common.tokenize_prompt(tokenizer, pair["prompt"])
-        + tokenizer(pair[key], add_special_tokens=False)["input_ids"]
-        + [tokenizer.eos_token_id]
-        for pair in pairs
-    ]
-    out = []
-    for start in range(0, len(ids), batch_size):
-        batch = tokenizer.pad({"input_ids": ids[start : start + batch_size]}, return_tensors="pt")
-        out.append(common.reward_model_scores(model, batch["input_ids"], batch["attention_mask"]))
-    return torch.cat(out)
-
-
 def main(args: Args) -> None:
     pairs = common.arithmetic_preference_pairs(args.size, args.digits, "test", seed=1234)
     groups = defaultdict(list)
@@ -66,9 +50,14 @@ def main(args: Args) -> None:
     print("| checkpoint | all | " + " | ".join(f"{name} ({len(groups[name])})" for name in columns) + " |")
     print("|---|---|" + "---|" * len(columns))
     for checkpoint in args.checkpoints:
-        tokenizer = common.load_tokenizer(checkpoint, padding_side="right")
+        tokenizer = common.load_tokenizer(checkpoint)
         model = common.load_model(checkpoint, AutoModelForSequenceClassification).eval()
-        right = (scores(model, tokenizer, pairs, "chosen") > scores(model, tokenizer, pairs, "rejected")).float()
+        # tokenised and scored exactly as reward_model.py evaluates its held-out pairs (prompt + completion + EOS)
+        tokenized = [
+            reward_model.tokenize_pair(tokenizer, pair, model.config.max_position_embeddings, chat_template=False)[:2] for pair in pairs
+        ]
+        chosen_rewards, rejected_rewards = reward_model.score_dataset(model, tokenized, tokenizer.pad_token_id, "cpu")
+        right = (chosen_rewards > rejected_rewards).float()
         cells = [f"{right[groups[name]].mean():.3f}" for name in columns]
         print(f"| {checkpoint} | {right.mean():.3f} | " + " | ".join(cells) + " |")
 

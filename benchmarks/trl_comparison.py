@@ -155,9 +155,10 @@ def main(args: Args) -> None:
             ours_median = statistics.median(r[key] for r in ours)
             trl_median = statistics.median(r[key] for r in trl)
             row += [fmt.format(ours_median), fmt.format(trl_median), f"{ours_median / trl_median:.2f}"]
-        # each seed's ours and TRL ran back to back, so their ratio cancels the machine's slower and faster minutes
-        paired_ratios = [o["s_per_step"] / t["s_per_step"] for o, t in zip(ours, trl)]
-        row.insert(4, f"{statistics.median(paired_ratios):.2f} [{min(paired_ratios):.2f}, {max(paired_ratios):.2f}]")
+            if key == "s_per_step":
+                # each seed's ours and TRL ran back to back, so their ratio cancels the machine's slower and faster minutes
+                paired_ratios = [o[key] / t[key] for o, t in zip(ours, trl)]
+                row.append(f"{statistics.median(paired_ratios):.2f} [{min(paired_ratios):.2f}, {max(paired_ratios):.2f}]")
         row.append(quality_name[algorithm])
         rows.append(row)
     headers = [
