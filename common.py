@@ -1,18 +1,18 @@
-# Tiny helpers shared by sft.py, reward_model.py, ppo.py, grpo.py and dpo.py (DESIGN.md section 3).
-# Loops, losses and advantages live in the scripts; this file holds only what two or more of them need.
+# LM plumbing shared by the training scripts: seeding, precision, loading, log-probs and masks, several processes,
+# LoRA, logging, saving and resuming. Nothing here is part of an algorithm (losses, advantages and loops live in the
+# scripts, data and rewards in tasks.py), so a learner may skip this file; docs/common.md explains the choices.
+import contextlib
 import functools
 import gc
 import json
-import math
 import os
 import random
-import re
 import shutil
-import string
+import signal
 import sys
 import time
+import traceback
 import types
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +20,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-TINY_MODEL = "tiny"
-"""The `--model` keyword that builds the char-level GPT-2 from scratch instead of loading one."""
+import tasks
+
+RUN_FILE = "training_run.json"  # in every folder we save: what wrote it, so that a later run knows the folder is ours
 
 
-# ----------------------------------------------------------------------------- setup
+# ----------------------------------------------------------------------------- setup and loading
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and PyTorch (CPU and every GPU) so a run can be repeated."""
     random.seed(seed)
@@ -34,122 +35,91 @@ def seed_everything(seed: int) -> None:
 
 def choose_device(device: str = "auto") -> torch.device:
     """`auto` picks cuda > mps > cpu; any other value (`cpu`, `cuda:1`, ...) is used as given."""
-    if device != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    return torch.device(device)
 
 
 def choose_precision(dtype: str, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
-    """(weights dtype, autocast dtype or None) for the --dtype flag.
-
-    - `mixed`: weights, gradients and AdamW state in fp32; the transformer body runs under bf16 autocast
-      (its matmuls in bf16). The LM and reward heads, log-probs and losses stay fp32.
-    - `auto`: `mixed` on a CUDA GPU with native bf16 (Ampere or newer; not T4/V100, where torch only emulates
-      it), `float32` elsewhere (CPU training is fp32).
-    - `float32`, `bfloat16`, `float16`: every weight in that dtype, no autocast. Pure bf16 suits frozen weights and
-      LoRA (peft keeps the adapters in fp32). For full fine-tuning it loses AdamW steps smaller than bf16's
-      resolution (about 0.4% of a weight): at a learning rate of 1e-6 most weights would never move.
-    """
+    """(weights dtype, autocast dtype or None): `mixed` is fp32 weights with a bf16-autocast body; `auto` is mixed on
+    a GPU with native bf16, else float32; float32, bfloat16 and float16 store every weight in that dtype."""
     if dtype == "auto":
-        dtype = "mixed" if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False) else "float32"
-    if dtype == "mixed":
-        return torch.float32, torch.bfloat16
-    choices = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        dtype = (
+            "mixed" if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False) else "float32"
+        )
+    choices = {"mixed": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in choices:
-        raise ValueError(f"--dtype must be one of auto, mixed, {', '.join(choices)}; got {dtype!r}")
-    return choices[dtype], None
+        raise ValueError(f"--dtype must be one of auto, {', '.join(choices)}; got {dtype!r}")
+    if dtype == "float16" and device.type == "cpu":  # no loss scaling, CPU half kernels: log-probs drift within steps
+        raise ValueError("--dtype float16 does not train correctly on the CPU; use float32 or bfloat16")
+    return choices[dtype], torch.bfloat16 if dtype == "mixed" else None
 
 
 def enable_autocast(model, autocast_dtype: torch.dtype | None):
-    """Run the model's transformer body (`model.base_model`) under torch.autocast(autocast_dtype); None: no change.
+    """Run the body (`model.base_model`) under autocast, the heads in fp32; a bound method, so deepcopy still works."""
+    if autocast_dtype is not None:
+        body = model.base_model
 
-    The body is where the compute is; the heads on top of it (LM head, score head) run in the weights' fp32, so
-    logits and rewards come out fp32. Mixed precision without a wrapper class: the forward method of that one
-    module is replaced, so generate, save_pretrained and peft see the same model as before. It is a method bound
-    to the body, so a copy.deepcopy of the model (a reference copy) runs its own weights, not the original's.
-    """
-    if autocast_dtype is None:
-        return model
-    body = model.base_model
+        @functools.wraps(type(body).forward)
+        def autocast_forward(self, *args, **kwargs):
+            with torch.autocast(next(self.parameters()).device.type, dtype=autocast_dtype):
+                return type(self).forward(self, *args, **kwargs)
 
-    @functools.wraps(type(body).forward)
-    def autocast_forward(self, *args, **kwargs):
-        with torch.autocast(next(self.parameters()).device.type, dtype=autocast_dtype):
-            return type(self).forward(self, *args, **kwargs)
-
-    body.forward = types.MethodType(autocast_forward, body)
+        body.forward = types.MethodType(autocast_forward, body)
     return model
 
 
-def _from_pretrained(loader, name_or_path: str, what: str, **kwargs):
-    """Call `loader(name_or_path)` and turn "not found" into one readable error instead of a stack trace."""
-    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
-    if looks_like_path and not Path(name_or_path).expanduser().exists():
-        raise FileNotFoundError(f"{what} path {name_or_path!r} does not exist")
+def _from_pretrained(loader, name: str, what: str, **kwargs):
+    """`loader(name)`, with "not found" turned into one readable error."""
+    path = Path(name).expanduser()
+    if (name.startswith((".", "/", "~")) or name.count("/") > 1) and not path.exists():
+        raise FileNotFoundError(f"{what} path {name!r} does not exist")
     try:
-        return loader(name_or_path, **kwargs)
+        return loader(name, **kwargs)
     except (OSError, ValueError) as error:
-        if Path(name_or_path).expanduser().exists():  # the folder is there: what failed is inside it
-            raise OSError(f"could not load {what} from {name_or_path!r}: {error}") from error
-        raise OSError(
-            f"could not load {what} {name_or_path!r}: there is no folder {str(Path(name_or_path).expanduser().resolve())!r} "
-            f"(for checkpoints/sft run `python sft.py` first), and it is not a model id that can be fetched from the "
-            f"Hugging Face hub here (offline?). Original error: {error}"
-        ) from error
+        if path.exists():  # the folder is there: what failed is inside it
+            raise OSError(f"could not load {what} from {name!r}: {error}") from error
+        where = f"there is no folder {str(path.resolve())!r} (for checkpoints/sft run `python sft.py` first)"
+        raise OSError(f"could not load {what} {name!r}: {where}, and the hub has no such id here: {error}") from error
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, padding_side: str = "left"):
-    """Load a tokenizer and make it ready for batching.
-
-    A pad token is required for batches. If the tokenizer has none we reuse one that is not EOS
-    (the unk token) where the vocabulary has one, and EOS otherwise (gpt2). Because pad may equal
-    EOS, masks are always built from positions (`completion_mask`), never from token values.
-    Left padding (the default) lines up the last prompt token of every row for generation.
-    """
+    """A tokenizer ready for batches: pad is unk where there is one, else EOS (masks never rely on pad != EOS)."""
     from transformers import AutoTokenizer
 
-    tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, name_or_path, "tokenizer", trust_remote_code=trust_remote_code)
+    tokenizer = _from_pretrained(
+        AutoTokenizer.from_pretrained, name_or_path, "tokenizer", trust_remote_code=trust_remote_code
+    )
     if tokenizer.pad_token is None:
-        if tokenizer.unk_token is not None and tokenizer.unk_token != tokenizer.eos_token:
-            tokenizer.pad_token = tokenizer.unk_token
-        else:
-            tokenizer.pad_token = tokenizer.eos_token
+        unk = tokenizer.unk_token if tokenizer.unk_token not in (None, tokenizer.eos_token) else None
+        tokenizer.pad_token = unk or tokenizer.eos_token
     tokenizer.padding_side = padding_side
     return tokenizer
 
 
-def load_model(name_or_path: str, model_class=None, trust_remote_code: bool = False, dtype=torch.float32, autocast_dtype=None, **kwargs):
-    """Load a Hugging Face model (a causal LM unless `model_class` says otherwise) with dropout off.
-
-    Weights in `dtype`, the body under autocast when `autocast_dtype` is set (choose_precision gives both).
-    Remote code never runs unless `trust_remote_code` is set (the `--trust-remote-code` flag).
-
-    `generate` takes every option a call leaves unset from the model's generation_config, where chat models ship
-    sampling defaults (Qwen2.5-Instruct: repetition_penalty 1.05, top_k 20, top_p 0.8). The log-probs of these
-    scripts are those of softmax(logits / T), so the config keeps only the special tokens and every call says how
-    it samples; a checkpoint saved here has that plain config too.
-    """
+def load_model(
+    name_or_path, model_class=None, trust_remote_code=False, dtype=torch.float32, autocast_dtype=None, **kwargs
+):
+    """A model (a causal LM by default) with dropout off and a generation config of special tokens only, so `generate`
+    samples from softmax(logits / T). trained_head="score": an error if that head would be new (not a reward model)."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    model_class = model_class or AutoModelForCausalLM
-    model = _from_pretrained(model_class.from_pretrained, name_or_path, "model", trust_remote_code=trust_remote_code, dtype=dtype, **kwargs)
+    head, kwargs = kwargs.pop("trained_head", None), kwargs | {"trust_remote_code": trust_remote_code, "dtype": dtype}
+    loader = (model_class or AutoModelForCausalLM).from_pretrained
+    model, info = _from_pretrained(loader, name_or_path, "model", output_loading_info=True, **kwargs)
+    if head and any(key.startswith(f"{head}.") for key in info["missing_keys"]):
+        raise ValueError(
+            f"{name_or_path!r} has no trained {head!r} head: it is not a reward model (see reward_model.py)"
+        )
     disable_dropout(model)
     if getattr(model, "generation_config", None) is not None:
-        special_tokens = ("bos_token_id", "eos_token_id", "pad_token_id")
-        model.generation_config = GenerationConfig(**{name: getattr(model.generation_config, name) for name in special_tokens})
+        special = ("bos_token_id", "eos_token_id", "pad_token_id")
+        model.generation_config = GenerationConfig(**{key: getattr(model.generation_config, key) for key in special})
     return enable_autocast(model, autocast_dtype)
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
-    """Set every dropout probability to 0: RL needs log-probs that are the same at sampling and training time.
-
-    Besides nn.Dropout modules, many models keep a rate as a plain float that they pass to functional dropout in
-    train mode (Llama's and Qwen's `attention_dropout`, OPT's `dropout`); those are set to 0 on the modules too.
-    """
+    """Every dropout rate to 0, nn.Dropout modules and float rates (Llama's `attention_dropout`) alike."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -158,54 +128,44 @@ def disable_dropout(model: torch.nn.Module) -> None:
                 setattr(module, name, 0.0)
 
 
+def max_positions(model) -> int:
+    """The longest sequence the model's position table holds."""
+    return getattr(model.config, "max_position_embeddings", None) or 1 << 30
+
+
 def linear_schedule(optimizer, warmup_steps: int, total_steps: int):
-    """The learning rate times min((u + 1) / w, (T - u) / (T - w)) at update u (0-based): linear warm-up to the peak over
-    w = warmup_steps updates, then linear decay to 0 at T = total_steps (w = 0: decay from the first update)."""
+    """lr * min((u + 1) / w, (T - u) / (T - w)) at update u: warm up over w updates, then decay to 0 at T."""
+    warmup, decay = max(1, warmup_steps), max(1, total_steps - warmup_steps)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda u: min((u + 1) / max(1, warmup_steps), max(0.0, (total_steps - u) / max(1, total_steps - warmup_steps)))
+        optimizer, lambda u: min((u + 1) / warmup, max(0.0, (total_steps - u) / decay))
     )
 
 
-# ----------------------------------------------------------------------------- several processes, memory savers
-# `torchrun --nproc_per_node N script.py ...` starts N copies of a script (one per GPU, or N CPU processes). Each
-# copy (rank) samples its own share of every batch; the losses are normalised by the whole batch's size, so the
-# sum of the ranks' gradients is the gradient of the whole batch (ppo.py is the exception: it averages the ranks'
-# minibatch losses, as DistributedDataParallel does). Run with plain `python` every helper below is a no-op and the
-# script is the single-process one.
+# ----------------------------------------------------------------------------- several processes (torchrun)
+# `torchrun --nproc_per_node N script.py` starts N copies (ranks); each takes its share of every batch and every loss
+# is normalised by the whole batch, so the ranks' gradients sum to the batch gradient. Under plain `python` each
+# helper here is the identity.
 def setup_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
-    """(rank, world_size, device) of this process; joins the process group when started by torchrun.
-
-    torchrun sets RANK, WORLD_SIZE and LOCAL_RANK. The backend is NCCL between GPUs (rank r uses GPU
-    LOCAL_RANK) and gloo on CPU. Ranks other than 0 print nothing, so the console shows each line once.
-    """
+    """(rank, world_size, device); joins the process group (NCCL on GPUs, gloo on CPU) when started by torchrun."""
     device = choose_device(device)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return 0, 1, device
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise ValueError(
-                f"process {local_rank} needs GPU {local_rank}, but there are {torch.cuda.device_count()}: lower --nproc_per_node"
-            )
+            raise ValueError(f"process {local_rank} needs GPU {local_rank}, there are {torch.cuda.device_count()}")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    elif device.type != "cpu":  # gloo moves CPU tensors only (an Apple GPU, mps, cannot take part)
-        device = torch.device("cpu")
+    device = device if device.type == "cuda" else torch.device("cpu")  # gloo moves CPU tensors only
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if rank != 0:
         sys.stdout = open(os.devnull, "w")
-    return rank, world_size, device
+    return rank, dist.get_world_size(), device
 
 
 def finish_distributed() -> None:
-    """Leave the process group together, after a script's main() has returned: collect the garbage, a barrier, then
-    destroy the group.
-
-    gloo can abort a process at shutdown ("terminate called without an active exception") when the group or the
-    models are torn down while its peers are exiting; freeing the models first and leaving together avoids it.
-    """
+    """Leave the process group together (models freed, a barrier), so gloo does not abort at exit."""
     if world()[1] > 1:
         gc.collect()
         dist.barrier()
@@ -214,18 +174,15 @@ def finish_distributed() -> None:
 
 def world() -> tuple[int, int]:
     """(rank, world_size): (0, 1) unless torch.distributed is initialised."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """The sum of `tensor` over all ranks (a new tensor; the input itself in a single process)."""
-    if world()[1] == 1:
-        return tensor
-    total = tensor.clone()
-    dist.all_reduce(total)
-    return total
+    if world()[1] > 1:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+    return tensor
 
 
 def all_gather(tensor: torch.Tensor) -> torch.Tensor:
@@ -238,195 +195,85 @@ def all_gather(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def broadcast_parameters(model: torch.nn.Module) -> None:
-    """Copy rank 0's weights to every rank, so all ranks start from the same model (as DDP does at wrap time)."""
-    if world()[1] == 1:
-        return
-    for tensor in model.state_dict().values():
+    """Copy rank 0's weights to every rank, so all ranks start from the same model."""
+    for tensor in model.state_dict().values() if world()[1] > 1 else []:
         dist.broadcast(tensor, src=0)
 
 
 def all_reduce_gradients(model: torch.nn.Module) -> None:
-    """Sum every trainable parameter's gradient over ranks: data parallelism's one collective.
-
-    DistributedDataParallel does this during backward, bucket by bucket; here it is written out and runs
-    once per optimizer step, after gradient accumulation, so ranks may run different numbers of
-    micro-batches (grpo.py skips rows whose advantage is 0). A parameter without a gradient gets zeros.
-    """
-    for parameter in model.parameters():
-        if parameter.requires_grad:
-            if parameter.grad is None:  # in one process too, so AdamW counts the same steps with or without torchrun
-                parameter.grad = torch.zeros_like(parameter)
-            if world()[1] > 1:
-                dist.all_reduce(parameter.grad)
+    """Sum each trainable gradient over ranks once per optimizer step (zeros where none: AdamW steps alike)."""
+    for parameter in (p for p in model.parameters() if p.requires_grad):
+        parameter.grad = torch.zeros_like(parameter) if parameter.grad is None else parameter.grad
+        if world()[1] > 1:
+            dist.all_reduce(parameter.grad)
 
 
 def shard(items, rank: int, world_size: int):
-    """Rank `rank`'s contiguous share of a global batch, a list or a tensor (its length must divide by world_size)."""
+    """Rank `rank`'s contiguous share of a global batch (a list or a tensor whose length divides by world_size)."""
     size = len(items) // world_size
     return items[rank * size : (rank + 1) * size]
 
 
+# ----------------------------------------------------------------------------- memory savers
 def apply_lora(model, r: int, alpha: float, target_modules: str = "all-linear", task_type: str = "CAUSAL_LM"):
-    """Freeze the model and add trainable LoRA adapters W + (alpha / r) B A (peft) to `target_modules`.
-
-    B starts at 0, so the wrapped model computes exactly what the base model does; with
-    `model.disable_adapter()` it is the base model again, which is the reference policy for free.
-    task_type="SEQ_CLS" (a reward model) also trains its new `score` head whole and saves it with the adapters.
-    The adapters are added in place: `model` itself runs with them, the returned wrapper saves and merges them.
-    """
+    """Freeze the model, add LoRA adapters W + (alpha / r) B A in place (peft). B = 0: it starts as the base model,
+    which `disable_adapter()` gives back. SEQ_CLS also trains the score head whole."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as error:
         raise ImportError("--lora-r needs the peft package: pip install peft") from error
     targets = target_modules if target_modules == "all-linear" else [name.strip() for name in target_modules.split(",")]
     transposed = any(type(module).__name__ == "Conv1D" for module in model.modules())  # GPT-2 stores W transposed
-    config = LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        target_modules=targets,
-        task_type=task_type,
-        lora_dropout=0.0,
-        fan_in_fan_out=transposed,
-    )
-    return get_peft_model(model, config)
+    config = dict(r=r, lora_alpha=alpha, target_modules=targets, task_type=task_type, fan_in_fan_out=transposed)
+    return get_peft_model(model, LoraConfig(**config, lora_dropout=0.0))
 
 
 def enable_gradient_checkpointing(model) -> None:
-    """Keep only each layer's input during the forward pass and recompute the rest in backward: less memory, ~1/3 more compute.
-
-    Active in train mode only; generation must run in eval mode, where the KV cache stays on.
-    """
+    """Recompute each layer's activations in backward (train mode only; generation runs in eval mode, with a cache)."""
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-
-
-# ----------------------------------------------------------------------------- the tiny model
-def build_tiny_tokenizer(padding_side: str = "left"):
-    """A char-level tokenizer: one token per printable ASCII character, plus <pad>, <eos> and <unk>.
-
-    Built with the `tokenizers` library and wrapped in a transformers fast tokenizer, so
-    `save_pretrained` / `AutoTokenizer.from_pretrained` round-trip it. The `Fuse` decoder joins
-    characters without the spaces a word-level decoder would insert.
-    """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<eos>", "<unk>"]
-    characters = list(string.digits + string.ascii_letters + string.punctuation + " \n")
-    vocab = {token: index for index, token in enumerate(specials + characters)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token="<pad>",
-        eos_token="<eos>",
-        unk_token="<unk>",
-        padding_side=padding_side,
-        clean_up_tokenization_spaces=False,
-    )
-
-
-def build_tiny_gpt2(tokenizer, n_layer: int = 3, n_embd: int = 128, n_head: int = 4, n_positions: int = 64):
-    """A small randomly initialised GPT-2 (about 0.6M parameters at the defaults) with dropout off."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=n_positions,
-        n_embd=n_embd,
-        n_layer=n_layer,
-        n_head=n_head,
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    return GPT2LMHeadModel(config)
 
 
 # ----------------------------------------------------------------------------- tensors
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """position_ids = cumsum(mask) - 1, clamped at 0: the first real token of every row is position 0.
-
-    Passing these to every teacher-forced forward makes a left-padded row see the same positions
-    it saw during generation, so training log-probs equal sampling log-probs.
-    """
+    """cumsum(mask) - 1, clamped at 0: a left-padded row sees the positions it saw in generation."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last real token of each row, from the attention mask (never from token values: pad may equal EOS).
-
-    Right for left padding, right padding and no padding; a row with no real token gives 0.
-    """
-    positions = torch.arange(attention_mask.size(1), device=attention_mask.device)
-    return (attention_mask.long() * positions).argmax(dim=1)
+    """Index of each row's last real token, from the mask (pad may equal EOS), for any padding side."""
+    return (attention_mask.long() * torch.arange(attention_mask.size(1), device=attention_mask.device)).argmax(dim=1)
 
 
-def reward_model_scores(reward_model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """r(x, y): the scalar `score` head of an AutoModelForSequenceClassification on the last real token's hidden state.
-
-    Used instead of the model's own forward so positions come from the mask (left padding is safe)
-    and the last token is found from the mask, not by looking for pad ids.
-    """
-    hidden = reward_model.base_model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
-    ).last_hidden_state
-    last_hidden = hidden[torch.arange(hidden.size(0), device=hidden.device), last_token_index(attention_mask)]
-    return reward_model.score(last_hidden).squeeze(-1).float()
-
-
-LOGITS_CHUNK_ELEMENTS = 2**24  # 64 MB of float32: the chunk token_logprobs and entropy_from_logits copy at once
+LOGITS_CHUNK_ELEMENTS = 2**24  # float32 values that token_logprobs and entropy_from_logits copy at once
 
 
 def _row_chunks(logits: torch.Tensor) -> list[slice]:
-    """Slices of rows of `logits` holding at most LOGITS_CHUNK_ELEMENTS values each, or one row where a row alone holds
-    more (length x vocabulary: 78M values for 512 tokens of a 152k vocabulary). A small model's batch is one chunk."""
-    rows_per_chunk = max(1, LOGITS_CHUNK_ELEMENTS // max(1, logits[0].numel()))
-    return [slice(start, start + rows_per_chunk) for start in range(0, logits.size(0), rows_per_chunk)]
+    rows = max(1, LOGITS_CHUNK_ELEMENTS // max(1, logits[0].numel()))
+    return [slice(start, start + rows) for start in range(0, logits.size(0), rows)]
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log pi(token_t | context) = logits_t[token_t] / T - logsumexp(logits_t / T), shape (batch, length).
-
-    The logits are divided by the sampling temperature T so the log-probs are those of the
-    distribution the tokens were sampled from. Rows are processed a chunk at a time and the result keeps only
-    the chosen token's logit and the log-normaliser, never the full log-softmax. That bounds the memory of
-    no-grad passes (reference, old policy); with gradients, autograd still saves each chunk's float32 logits
-    for the backward pass. Computed in float32 whatever the logits' dtype.
-    """
+    """log pi(token_t | context) = logits_t[token_t] / T - logsumexp(logits_t / T) at the sampling temperature T,
+    in float32, a chunk of rows at a time (never the whole log-softmax)."""
     parts = []
     for rows in _row_chunks(logits):
         chunk = logits[rows].float() / temperature
-        chosen = chunk.gather(-1, tokens[rows].unsqueeze(-1)).squeeze(-1)
-        parts.append(chosen - torch.logsumexp(chunk, dim=-1))
+        parts.append(chunk.gather(-1, tokens[rows].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(chunk, dim=-1))
     return torch.cat(parts)
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """H_t = -sum_v p_v log p_v of the temperature-scaled distribution at every position, shape (batch, length)."""
-    parts = []
-    for rows in _row_chunks(logits):
-        logp = F.log_softmax(logits[rows].float() / temperature, dim=-1)
-        parts.append(-(logp.exp() * logp).sum(-1))
-    return torch.cat(parts)
+    parts = [F.log_softmax(logits[rows].float() / temperature, dim=-1) for rows in _row_chunks(logits)]
+    return torch.cat([-(logp.exp() * logp).sum(-1) for logp in parts])
 
 
 def completion_mask(completion_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask of the real completion tokens: 1 up to and including the first EOS, 0 after it.
-
-    Built from positions (index <= index of the first EOS), never from token values, so it is
-    right when the pad token equals EOS (gpt2). Rows without EOS are kept whole.
-    Returns (mask as long, has_eos as bool per row); has_eos False means the completion was truncated.
-    """
-    is_eos = completion_ids == eos_token_id
-    has_eos = is_eos.any(dim=1)
-    length = completion_ids.size(1)
-    first_eos = torch.where(has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, length, dtype=torch.long))
-    positions = torch.arange(length, device=completion_ids.device).unsqueeze(0)
-    return (positions <= first_eos.unsqueeze(1)).long(), has_eos
+    """(mask, has_eos): 1 up to and including the first EOS, found by position (pad may equal EOS); a row without
+    EOS was cut at the length limit and is kept whole."""
+    is_eos, length = completion_ids == eos_token_id, completion_ids.size(1)
+    first_eos = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1), length)
+    return (torch.arange(length, device=completion_ids.device) <= first_eos.unsqueeze(1)).long(), is_eos.any(dim=1)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -437,218 +284,91 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
     return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
 
 
-def masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Unbiased variance of the masked entries (Bessel's correction, as in the PPO details)."""
-    mean = masked_mean(values, mask)
-    count = mask.sum().clamp(min=2.0)
-    return ((values - mean) ** 2 * mask).sum() / (count - 1)
-
-
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / sqrt(var + eps) over the masked entries; with shift_mean=False the mean is added back.
-
-    PPO whitens advantages with shift_mean=True and rewards with shift_mean=False (whitening
-    must not move the reward's sign). Masked-out entries are returned as 0. The mean and the
-    (unbiased) variance are those of the whole batch: under torchrun, of every process's entries.
-    """
-    mask = mask.to(values.dtype)
-    count = all_reduce_sum(mask.sum())
-    mean = all_reduce_sum((values * mask).sum()) / count.clamp(min=1)
-    var = all_reduce_sum(((values - mean) ** 2 * mask).sum()) / (count.clamp(min=2) - 1)
-    whitened = (values - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        whitened = whitened + mean
-    return whitened * mask
-
-
-# ----------------------------------------------------------------------------- data
-def read_jsonl(path: str, required_fields: tuple[str, ...]) -> list[dict]:
-    """Read a JSONL file of objects; every line must hold each required field as a string (numbers are converted).
-
-    A bad line raises ValueError naming the file, the line number and the field, so nothing is
-    silently skipped. Blank lines are ignored.
-    """
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"dataset file {path!r} does not exist")
-    rows = []
-    with open(path, encoding="utf-8") as file:
-        for line_number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
-            for field in required_fields:
-                if field not in row:
-                    raise ValueError(f"{path}:{line_number}: missing field {field!r} (required: {', '.join(required_fields)})")
-                value = row[field]
-                if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-                    raise ValueError(f"{path}:{line_number}: field {field!r} must be a string, got {type(value).__name__}")
-                if isinstance(value, float) and not math.isfinite(value):  # json reads NaN and Infinity
-                    raise ValueError(f"{path}:{line_number}: field {field!r} must be a string or a finite number, got {value}")
-                row[field] = str(value)
-            rows.append(row)
-    if not rows:
-        raise ValueError(f"{path}: no examples")
-    return rows
-
-
-def load_hf_dataset(name: str, split: str, fields: dict[str, str]) -> list[dict]:
-    """Rows of a Hugging Face dataset (needs the optional `datasets` package), with columns renamed by `fields`.
-
-    `fields` maps our field name (prompt, answer, ...) to the dataset's column name.
-    """
-    try:
-        import datasets
-    except ImportError:
-        raise ImportError(
-            f"dataset {name!r} is neither 'arithmetic' nor a .jsonl file; loading it from the hub needs `pip install datasets`"
-        ) from None
-    table = datasets.load_dataset(name, split=split)
-    missing = [column for column in fields.values() if column not in table.column_names]
-    if missing:
-        raise ValueError(f"dataset {name!r} has no column(s) {missing}; it has {table.column_names}")
-    return [{ours: str(row[theirs]) for ours, theirs in fields.items()} for row in table]
-
-
-def format_prompt(tokenizer, prompt: str, chat_template: bool) -> str:
-    """Wrap the prompt as a user turn of the tokenizer's chat template when asked and one exists."""
-    if chat_template and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-    return prompt
-
-
+# ----------------------------------------------------------------------------- prompts, generation, reward models
 def tokenize_prompt(tokenizer, prompt: str, chat_template: bool = False) -> list[int]:
-    """Token ids of a prompt. A templated prompt already carries its special tokens; a plain one gets BOS where the tokenizer adds it."""
-    text = format_prompt(tokenizer, prompt, chat_template)
-    templated = chat_template and text != prompt
-    return tokenizer(text, add_special_tokens=not templated)["input_ids"]
+    """Token ids of a prompt, as a user turn of the chat template when asked and the tokenizer has one."""
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template holds its special tokens
+    return tokenizer(prompt)["input_ids"]
 
 
-# ----------------------------------------------------------------------------- the arithmetic task
-def _is_held_out(a: int, b: int) -> bool:
-    """A fixed 10% of all operand pairs is reserved for evaluation, the same in every script and run."""
-    return zlib.crc32(f"{a}+{b}".encode()) % 10 == 0
+def fit_prompts(tokenizer, rows: list[dict], chat_template: bool, room: int, what: str) -> list[dict]:
+    """The rows whose prompt has 1 to `room` tokens, each with its "prompt_ids"; the others are dropped and counted."""
+    rows = [{**row, "prompt_ids": tokenize_prompt(tokenizer, row["prompt"], chat_template)} for row in rows]
+    kept = [row for row in rows if 0 < len(row["prompt_ids"]) <= room]
+    if len(kept) < len(rows):
+        print(f"{what}: dropped {len(rows) - len(kept)} of {len(rows)} prompts, empty or longer than {room} tokens")
+    if rows and not kept:
+        raise ValueError(f"{what}: no prompt fits in {room} tokens (the model's positions less the generation length)")
+    return kept
 
 
-def arithmetic_problems(n: int, digits: int = 2, split: str = "train", seed: int = 0) -> list[dict]:
-    """`n` addition problems {"prompt": "37+45=", "answer": "82"} with operands of up to `digits` digits.
-
-    split="train" never yields a held-out pair; split="test" yields only held-out pairs.
-    """
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    rng = random.Random(seed)
-    high = 10**digits - 1
-    problems = []
-    while len(problems) < n:
-        a, b = rng.randint(0, high), rng.randint(0, high)
-        if _is_held_out(a, b) == (split == "test"):
-            problems.append({"prompt": f"{a}+{b}=", "answer": str(a + b)})
-    return problems
-
-
-def arithmetic_eval_set(n: int = 500, digits: int = 2) -> list[dict]:
-    """The held-out problems every script evaluates on (a fixed seed, so accuracies are comparable)."""
-    return arithmetic_problems(n, digits, split="test", seed=1234)
-
-
-def near_miss(a: int, b: int, rng: random.Random) -> str:
-    """A plausible wrong answer to a+b: the sum with a dropped carry, one digit off by one, or off by ten."""
-    correct = a + b
-    digits = str(correct)
-    candidates = set()
-    no_carry = int("".join(str((int(x) + int(y)) % 10) for x, y in zip(f"{a:012d}", f"{b:012d}")))
-    if len(str(no_carry)) >= len(digits) - 1:  # 50+50 -> 0 is not plausible; 57+68 -> 15 is
-        candidates.add(no_carry)
-    for position in range(len(digits)):
-        for delta in (-1, 1):
-            digit = int(digits[position]) + delta
-            if 0 <= digit <= 9 and not (position == 0 and digit == 0 and len(digits) > 1):
-                candidates.add(int(digits[:position] + str(digit) + digits[position + 1 :]))
-    candidates.update({correct + 10, correct - 10})
-    candidates = sorted(c for c in candidates if c >= 0 and c != correct)
-    return str(rng.choice(candidates))
-
-
-def arithmetic_preference_pairs(n: int, digits: int = 2, split: str = "train", seed: int = 0) -> list[dict]:
-    """`n` pairs {"prompt", "chosen", "rejected"}: the correct sum against a near miss (see `near_miss`)."""
-    rng = random.Random(seed + 1)
-    pairs = []
-    for problem in arithmetic_problems(n, digits, split, seed):
-        a, b = (int(x) for x in problem["prompt"][:-1].split("+"))
-        pairs.append({"prompt": problem["prompt"], "chosen": problem["answer"], "rejected": near_miss(a, b, rng)})
-    return pairs
-
-
-_INTEGER = re.compile(r"-?\d{1,30}")
-
-
-def exact_match(completion: str, answer: str) -> float:
-    """1.0 if the completion, stripped of surrounding whitespace, is exactly the answer as an integer, else 0.0.
-
-    The completion is parsed with a regular expression, never `eval`: garbage, empty or
-    overlong text scores 0.0 and never raises.
-    """
-    text = completion.strip()
-    return 1.0 if _INTEGER.fullmatch(text) is not None and text == answer.strip() else 0.0
-
-
-def arithmetic_reward(prompts: list[str], completions: list[str], answer: list[str], **unused_fields) -> list[float]:
-    """Reward function of the arithmetic task: exact match of each completion with its answer."""
-    return [exact_match(completion, target) for completion, target in zip(completions, answer)]
-
-
-# ----------------------------------------------------------------------------- generation and evaluation
 def decode_completions(tokenizer, completion_ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
     """Text of each completion's real tokens (the mask of `completion_mask`), special tokens dropped."""
-    kept = [[token for token, keep in zip(ids, row_mask) if keep] for ids, row_mask in zip(completion_ids.tolist(), mask.tolist())]
+    kept = [
+        [token for token, keep in zip(ids, row) if keep] for ids, row in zip(completion_ids.tolist(), mask.tolist())
+    ]
     return tokenizer.batch_decode(kept, skip_special_tokens=True)
 
 
 @torch.no_grad()
-def evaluate_accuracy(
-    model, tokenizer, problems: list[dict], max_new_tokens: int, batch_size: int = 256, chat_template: bool = False, reward_fn=None
-) -> tuple[float, list[str]]:
-    """Held-out greedy accuracy: generate with do_sample=False and score with `reward_fn` (exact match by default).
-
-    Returns (mean reward, the completions) so callers can show a few samples.
-    """
-    reward_fn = reward_fn or arithmetic_reward
-    was_training = model.training
+def evaluate_accuracy(model, tokenizer, problems, max_new_tokens, batch_size=256, chat_template=False, reward_fn=None):
+    """(mean reward of greedy completions, the completions), scored by `reward_fn` (default exact match). Under
+    torchrun each rank generates every world_size-th problem and gets all completions back."""
+    was_training, (rank, world_size), completions = model.training, world(), []
     model.eval()
-    device = next(model.parameters()).device
-    rank, world_size = world()
-    mine = problems[rank::world_size]  # under torchrun each rank generates every world_size-th problem
-    completions = []
+    mine = problems[rank::world_size]
     for start in range(0, len(mine), batch_size):
-        batch = mine[start : start + batch_size]
-        prompt_ids = [tokenize_prompt(tokenizer, problem["prompt"], chat_template) for problem in batch]
-        inputs = tokenizer.pad({"input_ids": prompt_ids}, return_tensors="pt", padding_side="left").to(device)
-        output = model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
+        prompt_ids = [
+            tokenize_prompt(tokenizer, row["prompt"], chat_template) for row in mine[start : start + batch_size]
+        ]
+        inputs = tokenizer.pad({"input_ids": prompt_ids}, return_tensors="pt", padding_side="left")
+        special = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        output = model.generate(**inputs.to(model.device), max_new_tokens=max_new_tokens, do_sample=False, **special)
         completion_ids = output[:, inputs["input_ids"].size(1) :]
-        mask, _ = completion_mask(completion_ids, tokenizer.eos_token_id)
-        completions += decode_completions(tokenizer, completion_ids, mask)
+        completions += decode_completions(
+            tokenizer, completion_ids, completion_mask(completion_ids, special["eos_token_id"])[0]
+        )
     model.train(was_training)
-    if world_size > 1:  # every rank gets all completions back, in the order of `problems`
+    if world_size > 1:
         per_rank = [None] * world_size
         dist.all_gather_object(per_rank, completions)
         completions = [per_rank[index % world_size][index // world_size] for index in range(len(problems))]
-    fields = {key: [problem[key] for problem in problems] for key in problems[0] if key != "prompt"}
-    rewards = reward_fn([problem["prompt"] for problem in problems], completions, **fields)
+    prompts, reward_fn = [row["prompt"] for row in problems], reward_fn or tasks.arithmetic_reward
+    rewards = reward_fn(prompts, completions, **tasks.row_fields(problems))
     return sum(rewards) / len(rewards), completions
 
 
-# ----------------------------------------------------------------------------- logging and saving
+def reward_model_scores(reward_model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """r(x, y): the scalar `score` head on the hidden state of the last real token, positions from the mask."""
+    position_ids = position_ids_from_mask(attention_mask)
+    hidden = reward_model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    rows = torch.arange(input_ids.size(0), device=input_ids.device)
+    return reward_model.score(hidden.last_hidden_state[rows, last_token_index(attention_mask)]).squeeze(-1).float()
+
+
+@torch.no_grad()
+def score_completions(reward_model, tokenizer, prompts, completions, has_eos, chat_template, batch_size):
+    """r(x, y) of prompt + completion texts in the reward model's own tokens, built as reward_model.py builds its
+    pairs: prompt and completion tokenised apart, EOS after a completion that ended with one."""
+    ids = [
+        tokenize_prompt(tokenizer, prompt, chat_template)
+        + tokenizer(completion, add_special_tokens=False)["input_ids"]
+        + [tokenizer.eos_token_id] * bool(ended)
+        for prompt, completion, ended in zip(prompts, completions, has_eos)
+    ]
+    scores = []
+    for start in range(0, len(ids), batch_size):
+        batch = tokenizer.pad({"input_ids": ids[start : start + batch_size]}, return_tensors="pt", padding_side="left")
+        batch = batch.to(reward_model.device)
+        scores.append(reward_model_scores(reward_model, batch["input_ids"], batch["attention_mask"]))
+    return torch.cat(scores)
+
+
+# ----------------------------------------------------------------------------- logging
 class _NoWriter:
     """The writer of ranks other than 0: metrics are reduced over ranks and logged once, by rank 0."""
 
@@ -657,26 +377,20 @@ class _NoWriter:
 
 
 def setup_logging(args, run_name: str, log_dir: str = "runs"):
-    """A TensorBoard SummaryWriter at runs/{run_name} with the hyper-parameters as a text table; W&B too when args.track."""
+    """A TensorBoard writer at runs/{run_name} with the hyper-parameters as a table; Weights & Biases with --track."""
     from torch.utils.tensorboard import SummaryWriter
 
     if world()[0] != 0:
         return _NoWriter()
-
     if getattr(args, "track", False):
         import wandb
 
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=vars(args),
-            name=run_name,
-            save_code=True,
-        )
+        config = dict(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), name=run_name)
+        wandb.init(**config, sync_tensorboard=True, save_code=True)
     writer = SummaryWriter(str(Path(log_dir, run_name).resolve()))  # absolute: the writer thread outlives a chdir
-    table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
-    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    writer.add_text(
+        "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    )
     return writer
 
 
@@ -685,25 +399,41 @@ def run_name_for(args) -> str:
     return f"{args.exp_name}__{args.seed}__{int(time.time())}"
 
 
-def save_checkpoint(model, tokenizer, output_dir: str) -> None:
-    """Write model + tokenizer in Hugging Face format, whole or not at all: `output_dir` is never a partial checkpoint.
-
-    Everything is written to a temporary sibling folder first, which then replaces `output_dir` by two
-    renames (the old folder aside, the new one in). A crash while writing leaves the previous checkpoint as
-    it was; a crash in the instant between the renames leaves it whole under `.{name}.old-{pid}`, with
-    `output_dir` missing (a folder cannot be swapped in one portable step). Under torchrun only rank 0
-    writes (the others wait for it). A LoRA model is saved with its adapters merged into the weights, a
-    plain model that `from_pretrained` loads, and the adapters alone under `adapter/` as well: merged into
-    bf16 weights (--dtype bfloat16) the update is rounded, the adapters keep it exact. The merge changes
-    `model`, so save at the end.
-    """
-    rank = world()[0]
-    target = Path(output_dir)
-    temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    previous = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if rank == 0:
-        target.parent.mkdir(parents=True, exist_ok=True)
+# ----------------------------------------------------------------------------- the output folder, saving, resuming
+def check_output_dir(output_dir: str, overwrite: bool = False) -> None:
+    """At start-up: `output_dir` must be writable and new, empty or ours, or `overwrite` set (then our files go into it
+    and nothing else there is touched). Temporary folders of ours that a kill left behind are removed."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--output-dir {output_dir!r} is a file, not a folder")
+    ours = lambda entry: entry.name.startswith((".tmp-", "checkpoint-")) or (path / RUN_FILE).is_file()  # noqa: E731
+    foreign = [entry.name for entry in path.iterdir() if not ours(entry)] if path.is_dir() else []
+    if foreign and not overwrite:
+        raise ValueError(
+            f"--output-dir {output_dir!r} holds files not written here ({foreign[0]!r}): choose another"
+            " folder, or write into it anyway with --overwrite-output-dir"
+        )
+    for temporary in path.glob(".tmp-*"):
         shutil.rmtree(temporary, ignore_errors=True)
+    created = [folder for folder in [path, *path.parents] if not folder.exists()]
+    try:  # a probe file now, rather than an error after hours of training
+        path.mkdir(parents=True, exist_ok=True)
+        (path / f".tmp-probe-{os.getpid()}").touch()
+        (path / f".tmp-probe-{os.getpid()}").unlink()
+    except OSError as error:
+        raise ValueError(f"--output-dir {output_dir!r} cannot be written: {error.strerror or error}") from None
+    finally:
+        for folder in created:  # the final save makes them again; a run that fails early leaves no empty folder
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+def save_model(model, tokenizer, output_dir: str, args=None) -> None:
+    """The final model and tokenizer (Hugging Face format) into `output_dir`, written to a temporary folder there first
+    and then moved into place, so a crash while writing leaves the previous files whole. LoRA: saved merged, the
+    exact adapters under adapter/ (the merge changes `model`, so save at the end). Only rank 0 writes."""
+    target, rank = Path(output_dir), world()[0]
+    temporary = target / f".tmp-model-{os.getpid()}"
     try:
         if hasattr(model, "merge_and_unload"):
             if rank == 0:
@@ -712,13 +442,118 @@ def save_checkpoint(model, tokenizer, output_dir: str) -> None:
         if rank == 0:
             model.save_pretrained(temporary)
             tokenizer.save_pretrained(temporary)
-    except BaseException:
+            names = sorted(entry.name for entry in temporary.iterdir()) + [RUN_FILE]
+            previous = json.loads((target / RUN_FILE).read_text())["files"] if (target / RUN_FILE).is_file() else []
+            for name in set(previous + names):  # ours only: the last save's files, and those about to be replaced
+                shutil.rmtree(target / name) if (target / name).is_dir() else (target / name).unlink(missing_ok=True)
+            run = {"script": Path(sys.argv[0]).name, "args": vars(args) if args else {}, "files": names}
+            (temporary / RUN_FILE).write_text(json.dumps(run, indent=1, default=str))
+            for name in [RUN_FILE] + names[:-1]:  # the marker first: a kill in between leaves a folder known to be ours
+                os.replace(temporary / name, target / name)
+    finally:
         shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    if rank == 0:
-        if target.exists():
-            target.rename(previous)
-        temporary.rename(target)
-        shutil.rmtree(previous, ignore_errors=True)
     if world()[1] > 1:
         dist.barrier()
+
+
+def save_checkpoint(output_dir: str, step: int, models: dict, optimizer, scheduler, data: dict, args, keep: int = 2):
+    """`output_dir/checkpoint-{step}` for --resume: the trained parameters of `models`, optimizer, scheduler, step,
+    `data` (the place in the data order) and each rank's RNG states; written aside and renamed, whole or absent."""
+    numpy_state = np.random.get_state()
+    rng = {"python": random.getstate(), "numpy": [*numpy_state[:1], numpy_state[1].tolist(), *numpy_state[2:]]}
+    rngs = [rng | {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}] * world()[1]
+    if world()[1] > 1:
+        dist.all_gather_object(rngs, rngs[0])
+    if world()[0] == 0:
+        target, temporary = Path(output_dir, f"checkpoint-{step}"), Path(output_dir, f".tmp-checkpoint-{step}")
+        trained = {
+            name: {key: p.detach() for key, p in m.named_parameters() if p.requires_grad} for name, m in models.items()
+        }
+        state = {
+            "step": step,
+            "models": trained,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+        }
+        temporary.mkdir(parents=True, exist_ok=True)
+        torch.save(state | {"data": data, "rng": rngs, "args": vars(args)}, temporary / "training_state.pt")
+        shutil.rmtree(target, ignore_errors=True)
+        temporary.rename(target)
+        for old in sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name[11:]))[:-keep]:
+            shutil.rmtree(old)
+        print(f"saved {target}", flush=True)
+
+
+def find_checkpoint(resume: str | None, output_dir: str) -> Path | None:
+    """The folder --resume names: a checkpoint path, or `auto`, the newest under --output-dir (None when none)."""
+    if resume not in (None, "auto") and not Path(resume, "training_state.pt").is_file():
+        raise FileNotFoundError(f"--resume {resume!r} is not a checkpoint folder (it holds no training_state.pt)")
+    found = sorted(Path(output_dir).glob("checkpoint-*/training_state.pt"), key=lambda p: int(p.parent.name[11:]))
+    return Path(resume) if resume not in (None, "auto") else found[-1].parent if resume and found else None
+
+
+RESUME_MAY_CHANGE = ("resume", "save_every", "keep_checkpoints", "overwrite_output_dir", "device", "track", "exp_name")
+
+
+def load_checkpoint(path: Path, models: dict, optimizer, scheduler, args) -> tuple[int, dict]:
+    """Restore a checkpoint into the freshly built models, optimizer and scheduler, and this rank's RNG states; returns
+    (step, data). A checkpoint made with other flags is refused: it would not continue the same run."""
+    state = torch.load(path / "training_state.pt", weights_only=True)
+    for key, value in state["args"].items():
+        current = getattr(args, key, None)
+        if key not in RESUME_MAY_CHANGE and str(current) != str(value):
+            raise ValueError(f"--resume {str(path)!r} was made with --{key.replace('_', '-')} {value}, not {current}")
+    for name, model in models.items():
+        if set(state["models"][name]) != {key for key, p in model.named_parameters() if p.requires_grad}:
+            raise ValueError(f"--resume {str(path)!r}: the trained parameters of the {name} differ from this run's")
+        model.load_state_dict(state["models"][name], strict=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng = state["rng"][world()[0]]
+    random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+    np.random.set_state((rng["numpy"][0], np.array(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]))
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    print(f"resumed from {path} at step {state['step']}", flush=True)
+    return state["step"], state["data"]
+
+
+@contextlib.contextmanager
+def stop_on_signal():
+    """Within it SIGINT (Ctrl-C) and SIGTERM only set `.name`: the loop ends its step, saves a checkpoint and stops.
+    A second signal stops at once."""
+    stop = types.SimpleNamespace(name=None)
+
+    def handle(number, frame):
+        if stop.name is not None:
+            raise KeyboardInterrupt
+        stop.name = signal.Signals(number).name
+        print(f"\n{stop.name}: saving a checkpoint after this step (send it again to stop at once)", flush=True)
+
+    previous = {number: signal.signal(number, handle) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def checkpoint_due(stop, step: int, save_every: int) -> bool:
+    """Whether to save after `step`: every `save_every` steps (0: never), and after a signal to any rank."""
+    signalled = bool(all_reduce_sum(torch.tensor(float(stop.name is not None))).item())
+    return signalled or (save_every > 0 and step % save_every == 0)
+
+
+def run(main, args_class) -> None:
+    """The command line: parse the flags, run main, leave the process group. An error raised in these files (a bad
+    flag, row or path) prints as one line; any other exception keeps its traceback."""
+    import tyro
+
+    try:
+        main(tyro.cli(args_class))
+    except (ValueError, OSError, ImportError) as error:
+        if Path(traceback.extract_tb(error.__traceback__)[-1].filename).parent != Path(__file__).parent:
+            raise
+        sys.exit(f"error: {error}")
+    finish_distributed()

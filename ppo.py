@@ -1,15 +1,16 @@
-# RLHF PPO: a policy, a value model (critic), a frozen reference and a frozen reward model; per-token KL-shaped
-# reward, GAE, clipped surrogate and clipped value loss (InstructGPT-style). README.md, section "PPO".
+# RLHF PPO: a policy, a value model (critic), a frozen reference and a reward (a frozen reward model or a rule);
+# per-token KL-shaped reward, GAE, clipped surrogate and clipped value loss, InstructGPT-style. See docs/ppo.md.
 import contextlib
 import time
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import tyro
+from torch import Tensor
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import common
+import tasks
 
 
 @dataclass
@@ -22,27 +23,39 @@ class Args:
     device: str = "auto"
     """`auto` (cuda > mps > cpu), or a torch device such as `cpu` or `cuda:1`"""
     dtype: str = "auto"
-    """`auto` (mixed on a GPU with bf16, float32 elsewhere), `mixed` (fp32 weights, bf16 autocast), float32, bfloat16, float16"""
+    """`auto` (mixed on a bf16 GPU, else float32), `mixed` (fp32 weights, bf16 autocast), float32, bfloat16, float16"""
     track: bool = False
     """log to Weights & Biases as well as TensorBoard"""
     wandb_project_name: str = "rlhf-reference"
     """the W&B project, when --track"""
     wandb_entity: str | None = None
     """the W&B entity (team), when --track"""
+
+    # run: output, checkpoints, resume
     output_dir: str = "checkpoints/ppo"
-    """where the final Hugging Face checkpoint of the policy (model + tokenizer) is written"""
+    """where the final Hugging Face checkpoint (model + tokenizer) and the checkpoint-N folders go"""
+    overwrite_output_dir: bool = False
+    """write into --output-dir even if it holds files these scripts did not write (nothing of them is deleted)"""
+    save_every: int = 50
+    """save a checkpoint-N folder for --resume every this many steps (0: only on SIGINT/SIGTERM)"""
+    keep_checkpoints: int = 2
+    """checkpoint-N folders kept (the newest)"""
+    resume: str | None = None
+    """a checkpoint-N folder to continue from, or `auto`: the newest under --output-dir (a fresh start when none)"""
 
     # models and data
     model: str = "checkpoints/sft"
     """the starting policy (also the frozen reference): a Hugging Face model id or a local checkpoint folder"""
     reward_model: str = "checkpoints/reward_model"
-    """the frozen reward model: an AutoModelForSequenceClassification checkpoint with num_labels=1 (what reward_model.py writes)"""
-    reward_fn: Literal["reward_model", "arithmetic"] = "reward_model"
-    """`reward_model` scores with --reward-model; `arithmetic` uses the verifiable exact-match reward instead (needs answers)"""
+    """the frozen reward model (with --reward-fn reward_model): a sequence classifier with num_labels=1"""
+    reward_fn: str = "reward_model"
+    """`reward_model`, or a rule-based reward of tasks.py instead: `arithmetic` (exact match), `math`, `format`"""
     trust_remote_code: bool = False
     """allow a hub model to run its own Python code"""
-    dataset: str = "arithmetic"
+    dataset: str = tasks.ARITHMETIC
     """`arithmetic` (built-in addition task), a prompt(/answer) .jsonl file, or a Hugging Face dataset id"""
+    eval_dataset: str | None = None
+    """a prompt/answer .jsonl file of held-out problems (default: arithmetic's, else held-out rows of --dataset)"""
     digits: int = 2
     """operand digits of the arithmetic task"""
     hf_split: str = "train"
@@ -50,13 +63,13 @@ class Args:
     prompt_field: str = "prompt"
     """prompt column of a Hugging Face dataset"""
     answer_field: str = "answer"
-    """answer column of a Hugging Face dataset (read only with --reward-fn arithmetic)"""
+    """answer column of a Hugging Face dataset (read with a rule-based --reward-fn)"""
     chat_template: bool = False
     """wrap each prompt in the tokenizer's chat template (when it has one)"""
     max_new_tokens: int | None = None
-    """completion tokens sampled per prompt; default digits + 2 on arithmetic, 64 otherwise"""
+    """completion tokens sampled per prompt; default digits + 2 on arithmetic, else min(64, model positions / 2)"""
     eval_every: int = 20
-    """evaluate held-out greedy accuracy every this many steps (arithmetic only; also before the first and after the last)"""
+    """evaluate held-out greedy accuracy every this many steps (also before the first and after the last)"""
     eval_size: int = 500
     """held-out problems to evaluate on"""
 
@@ -69,24 +82,10 @@ class Args:
     """passes over each rollout"""
     num_minibatches: int = 4
     """minibatches per pass, reshuffled every epoch; must divide --batch-size (per process under torchrun)"""
-    micro_batch_size: int | None = None
-    """rows per forward/backward pass: a minibatch's gradient is accumulated over micro-batches of this size, and the
-    rollout's no-grad passes (old, reference and reward scores, values) run in chunks of it. Default: a whole minibatch
-    in the update, the whole rollout in its passes"""
-    gradient_checkpointing: bool = False
-    """recompute the policy's and the value model's activations in the backward pass: less memory, more compute"""
-    lora_r: int = 0
-    """rank of LoRA adapters (needs peft) on the policy and the value model; 0 trains every weight. With LoRA the
-    reference is the policy with its adapters off (no second copy) and the value head is trained whole"""
-    lora_alpha: float = 16.0
-    """LoRA scale alpha: the adapter adds (alpha / r) B A to each target weight"""
-    lora_target_modules: str = "all-linear"
-    """comma-separated module names that get adapters, or `all-linear`"""
     learning_rate: float = 2e-5
-    """AdamW learning rate of the policy, decayed linearly to 0; small, because Adam turns the noise of a sampled policy
-    gradient into full-size steps (README.md, "Why the learning rates are small")"""
+    """AdamW learning rate of the policy, decayed linearly to 0 (small on purpose: docs/ppo.md)"""
     value_learning_rate: float = 1e-3
-    """AdamW learning rate of the value model, decayed linearly to 0 (the critic must track a moving target quickly)"""
+    """AdamW learning rate of the value model, decayed linearly to 0 (the critic must track a moving target)"""
     max_grad_norm: float = 1.0
     """clip the global gradient norm of policy + value model"""
     temperature: float = 0.7
@@ -114,65 +113,68 @@ class Args:
     missing_eos_penalty: float | None = 1.0
     """subtracted from the score of a completion without EOS (cut at --max-new-tokens); None turns it off"""
 
+    # memory savers
+    micro_batch_size: int | None = None
+    """rows per forward/backward pass (gradients accumulated) and per no-grad pass of the rollout; default: all"""
+    gradient_checkpointing: bool = False
+    """recompute the policy's and the value model's activations in the backward pass: less memory, more compute"""
+    lora_r: int = 0
+    """rank of LoRA adapters (peft) on policy and value model, the reference being the policy without them; 0: off"""
+    lora_alpha: float = 16.0
+    """LoRA scale alpha: the adapter adds (alpha / r) B A to each target weight"""
+    lora_target_modules: str = "all-linear"
+    """comma-separated module names that get adapters, or `all-linear`"""
 
-# ----------------------------------------------------------------------------- the math
-def kl_penalized_rewards(
-    scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, kl_coef: float, kl_estimator: str = "k1"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """r_t = -beta * KL_t + [t = T] * score: the KL penalty on every completion token, the score on the last one (T).
 
-    KL_t = logp_t - ref_logp_t (k1), or exp(ref_logp_t - logp_t) - (ref_logp_t - logp_t) - 1 (k3).
-    T, the last real completion token of each row, comes from the mask. Returns (rewards, KL), both 0 outside the mask.
-    """
-    log_ratio = logprobs - ref_logprobs
-    if kl_estimator == "k1":
-        kl = log_ratio
-    elif kl_estimator == "k3":
-        kl = torch.expm1(-log_ratio) + log_ratio
-    else:
+# ============================================================================= the math of PPO
+def masked_var(values: Tensor, mask: Tensor) -> Tensor:
+    """Unbiased variance of the masked entries: sum(mask * (x - mean)^2) / (sum(mask) - 1)."""
+    mean = common.masked_mean(values, mask)
+    return ((values - mean) ** 2 * mask).sum() / (mask.sum().clamp(min=2.0) - 1)
+
+
+def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """(x - mean) / sqrt(var + eps) with the mean and unbiased variance of the masked entries of the whole batch
+    (every process's); shift_mean=False adds the mean back (rewards keep their sign). Masked-out entries are 0."""
+    mask = mask.to(values.dtype)
+    count = common.all_reduce_sum(mask.sum())
+    mean = common.all_reduce_sum((values * mask).sum()) / count.clamp(min=1)
+    var = common.all_reduce_sum(((values - mean) ** 2 * mask).sum()) / (count.clamp(min=2) - 1)
+    whitened = (values - mean) * torch.rsqrt(var + eps)
+    return (whitened if shift_mean else whitened + mean) * mask
+
+
+def kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef: float, kl_estimator: str = "k1"):
+    """r_t = -beta * KL_t + [t = T] * score, T the last real token; KL_t = logp_t - ref_t (k1), or
+    exp(ref_t - logp_t) - (ref_t - logp_t) - 1 (k3). Returns (rewards, KL), both 0 outside the mask."""
+    if kl_estimator not in ("k1", "k3"):
         raise ValueError(f"kl_estimator must be k1 or k3, got {kl_estimator!r}")
-    kl = kl * mask
+    log_ratio = logprobs - ref_logprobs
+    kl = (log_ratio if kl_estimator == "k1" else torch.expm1(-log_ratio) + log_ratio) * mask
     rewards = -kl_coef * kl
-    rows = torch.arange(rewards.size(0), device=rewards.device)
-    rewards[rows, common.last_token_index(mask)] += scores
+    rewards[torch.arange(rewards.size(0), device=rewards.device), common.last_token_index(mask)] += scores
     return rewards, kl
 
 
-def compute_gae(
-    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation over the completion tokens.
-
+def compute_gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation over the completion tokens, (advantages A, returns R), 0 outside the mask:
     delta_t = r_t + gamma * V_{t+1} - V_t
-    A_t     = sum_l (gamma * lam)^l * delta_{t+l}   (computed backwards: A_t = delta_t + gamma * lam * A_{t+1})
-    R_t     = A_t + V_t                             (the value-function target)
-
-    `mask` marks each row's real tokens, which come first (padding after the completion). Rewards and values are
-    zeroed outside it, so the value after the last token is 0 (the episode ends there) and padding adds nothing.
-    Returns (advantages, returns), both 0 outside the mask.
-    """
+    A_t     = sum_l (gamma * lam)^l * delta_{t+l}   (backwards: A_t = delta_t + gamma * lam * A_{t+1})
+    R_t     = A_t + V_t                             (the value target; V after the last real token is 0)"""
     rewards, values = rewards * mask, values * mask
-    length = rewards.size(1)
-    advantages = torch.zeros_like(rewards)
-    next_advantage = torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(length)):
-        next_value = values[:, t + 1] if t + 1 < length else torch.zeros_like(values[:, t])
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        next_advantage = delta + gamma * lam * next_advantage
+    next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], dim=1)
+    deltas = rewards + gamma * next_values - values
+    advantages, next_advantage = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.size(1))):
+        next_advantage = deltas[:, t] + gamma * lam * next_advantage
         advantages[:, t] = next_advantage
     advantages = advantages * mask
     return advantages, advantages + values
 
 
-def ppo_policy_loss(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_range: float
-) -> tuple[torch.Tensor, dict]:
-    """L_clip = mean_t max(-A_t * rho_t, -A_t * clip(rho_t, 1 - eps, 1 + eps)),  rho_t = exp(logp_t - old_logp_t).
-
-    The mean is over the masked completion tokens of the minibatch. The gradient is 0 exactly where the clipped
-    term is the larger one: A > 0 and rho > 1 + eps, or A < 0 and rho < 1 - eps (clipfrac counts those tokens).
-    Returns (loss, metrics): clipfrac, approx_kl = mean 0.5 * (logp - old_logp)^2, ratio mean and variance.
-    """
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_range: float) -> tuple[Tensor, dict]:
+    """L_clip = mean_t max(-A_t * rho_t, -A_t * clip(rho_t, 1 - eps, 1 + eps)), rho_t = exp(logp_t - old_logp_t),
+    over the masked tokens. Returns (loss, metrics: clipfrac, approx_kl = mean 0.5 (logp - old_logp)^2, ratio)."""
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
@@ -183,18 +185,14 @@ def ppo_policy_loss(
             "clipfrac": common.masked_mean((clipped > unclipped).float(), mask),
             "approx_kl": common.masked_mean(0.5 * log_ratio**2, mask),
             "ratio_mean": common.masked_mean(ratio, mask),
-            "ratio_var": common.masked_var(ratio, mask),
+            "ratio_var": masked_var(ratio, mask),
         }
     return loss, metrics
 
 
-def ppo_value_loss(
-    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip_range_value: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+def ppo_value_loss(values, old_values, returns, mask, clip_range_value: float) -> tuple[Tensor, Tensor]:
     """L_V = 0.5 * mean_t max((V_t - R_t)^2, (clip(V_t, V_old_t - c, V_old_t + c) - R_t)^2), over the masked tokens.
-
-    Returns (loss, value clipfrac: the fraction of tokens where the clipped square is the larger one).
-    """
+    Returns (loss, value clipfrac: the fraction of tokens where the clipped square is the larger one)."""
     clipped_values = torch.clamp(values, old_values - clip_range_value, old_values + clip_range_value)
     unclipped_loss = (values - returns) ** 2
     clipped_loss = (clipped_values - returns) ** 2
@@ -203,324 +201,334 @@ def ppo_value_loss(
 
 
 def adaptive_kl_coef(kl_coef: float, kl: float, target_kl: float, horizon: int, num_samples: int) -> float:
-    """Adaptive KL controller (Ziegler et al. 2019): e = clip(KL / KL_target - 1, -0.2, 0.2), beta <- beta * (1 + e * n / horizon).
-
-    KL is the mean sequence KL of the rollout and n its number of samples: beta grows when KL is above target.
-    """
+    """Ziegler et al. (2019): e = clip(KL / KL_target - 1, -0.2, 0.2), beta <- beta * (1 + e * n / horizon)."""
     error = min(max(kl / target_kl - 1.0, -0.2), 0.2)
     return kl_coef * (1.0 + error * num_samples / horizon)
 
 
-def completion_logits(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int) -> torch.Tensor:
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
+    """1 - Var(R - V) / Var(R) over the masked tokens: 1 is a perfect critic, 0 no better than a constant."""
+    variance = masked_var(returns, mask)
+    return (1.0 - masked_var(returns - values, mask) / variance).item() if variance > 0 else float("nan")
+
+
+# ============================================================================= rollout
+def completion_logits(model, sequences: Tensor, attention_mask: Tensor, prompt_length: int) -> Tensor:
     """Logits that predict each completion token: position t predicts token t + 1, so positions P - 1 ... L - 2."""
     position_ids = common.position_ids_from_mask(attention_mask)
     logits = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids).logits
     return logits[:, prompt_length - 1 : -1]
 
 
-def completion_values(value_model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int) -> torch.Tensor:
-    """V(s_t) for each completion token: the value model's scalar `score` head on every hidden state.
-
-    The state before completion token t is the sequence up to position P + t - 1, hence positions P - 1 ... L - 2.
-    """
+def completion_values(value_model, sequences: Tensor, attention_mask: Tensor, prompt_length: int) -> Tensor:
+    """V(s_t) for each completion token: the `score` head on the hidden state before it (as completion_logits)."""
     position_ids = common.position_ids_from_mask(attention_mask)
-    hidden = value_model.base_model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
-    return value_model.score(hidden[:, prompt_length - 1 : -1]).squeeze(-1).float()
+    body = value_model.base_model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids)
+    return value_model.score(body.last_hidden_state[:, prompt_length - 1 : -1]).squeeze(-1).float()
 
 
-def load_value_model(name_or_path: str, trust_remote_code: bool, dtype: torch.dtype, autocast_dtype=None):
-    """The critic: a separate network with a scalar `score` head read at every token, the head set to 0 so V = 0 at first.
-
-    Loaded as an AutoModelForSequenceClassification (num_labels=1) from a reward model or from a causal LM backbone.
-    """
-    value_model = common.load_model(
-        name_or_path, AutoModelForSequenceClassification, trust_remote_code, dtype, autocast_dtype, num_labels=1
-    )
-    torch.nn.init.zeros_(value_model.score.weight)
-    if getattr(value_model.score, "bias", None) is not None:
-        torch.nn.init.zeros_(value_model.score.bias)
-    return value_model
-
-
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """1 - Var(R - V) / Var(R) over the masked tokens: 1 is a perfect critic, 0 no better than a constant."""
-    variance = common.masked_var(returns, mask)
-    return (1.0 - common.masked_var(returns - values, mask) / variance).item() if variance > 0 else float("nan")
-
-
-# ----------------------------------------------------------------------------- data and reward
-def load_rows(args: Args) -> tuple[list[dict], list[dict]]:
-    """(train rows, held-out rows) of {"prompt"} (plus "answer" on arithmetic and with --reward-fn arithmetic)."""
-    if args.dataset == "arithmetic":
-        return common.arithmetic_problems(
-            args.total_steps * args.batch_size, args.digits, "train", seed=args.seed
-        ), common.arithmetic_eval_set(args.eval_size, args.digits)
-    fields = ("prompt", "answer") if args.reward_fn == "arithmetic" else ("prompt",)
-    if args.dataset.endswith(".jsonl"):
-        return common.read_jsonl(args.dataset, fields), []
-    columns = {"prompt": args.prompt_field, "answer": args.answer_field}
-    return common.load_hf_dataset(args.dataset, args.hf_split, {field: columns[field] for field in fields}), []
+@torch.no_grad()
+def sample_rollout(policy, ref_policy, value_model, tokenizer, prompt_ids, max_new_tokens: int, args) -> dict:
+    """One completion per prompt from the current (= old) policy's own distribution (top_k = 0, top_p = 1), and the
+    teacher-forced old and reference log-probs, old values and entropy of its tokens (`mask`: up to the first EOS)."""
+    policy.eval()  # generation keeps its KV cache (gradient checkpointing turns it off in train mode)
+    prompts = tokenizer.pad({"input_ids": prompt_ids}, return_tensors="pt", padding_side="left").to(policy.device)
+    sampling = dict(do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens)
+    special = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    sequences = policy.generate(**prompts, **sampling, **special)
+    prompt_length = prompts["input_ids"].size(1)
+    completion_ids = sequences[:, prompt_length:]
+    mask, has_eos = common.completion_mask(completion_ids, tokenizer.eos_token_id)
+    attention_mask = torch.cat([prompts["attention_mask"], mask], dim=1)
+    old_logprobs, entropies, ref_logprobs, old_values = [], [], [], []
+    for rows in torch.arange(len(prompt_ids)).split(args.micro_batch_size or len(prompt_ids)):
+        inputs = sequences[rows], attention_mask[rows], prompt_length
+        logits = completion_logits(policy, *inputs)
+        old_logprobs.append(common.token_logprobs(logits, completion_ids[rows], args.temperature))
+        entropies.append(common.entropy_from_logits(logits, args.temperature))
+        with policy.disable_adapter() if args.lora_r else contextlib.nullcontext():  # LoRA: the reference is the base
+            logits = completion_logits(policy if args.lora_r else ref_policy, *inputs)
+        ref_logprobs.append(common.token_logprobs(logits, completion_ids[rows], args.temperature))
+        old_values.append(completion_values(value_model, *inputs))
+    rollout = dict(sequences=sequences, attention_mask=attention_mask, prompt_length=prompt_length, mask=mask)
+    rollout |= dict(completion_ids=completion_ids, has_eos=has_eos, old_logprobs=torch.cat(old_logprobs))
+    rollout |= dict(ref_logprobs=torch.cat(ref_logprobs), old_values=torch.cat(old_values))
+    return rollout | dict(entropy=common.masked_mean(torch.cat(entropies), mask))  # the mean over completion tokens
 
 
-def reward_model_inputs(
-    args: Args, reward_tokenizer, prompts: list[str], completions: list[str], has_eos: torch.Tensor, device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Re-tokenise prompt + completion with the reward model's tokenizer when it differs from the policy's.
+@torch.no_grad()
+def sequence_scores(rollout: dict, rows: list[dict], completions, reward_model, reward_tokenizer, args) -> Tensor:
+    """The sequence score: --reward-fn (a reward model reads the last real token), less the missing-EOS penalty."""
+    prompts, size = [row["prompt"] for row in rows], args.micro_batch_size or len(rows)
+    if args.reward_fn != "reward_model":
+        rewards = tasks.REWARD_FUNCTIONS[args.reward_fn](prompts, completions, **tasks.row_fields(rows))
+        scores = torch.tensor(rewards, device=rollout["sequences"].device)
+    elif reward_tokenizer is None:
+        parts = [(rollout["sequences"][r], rollout["attention_mask"][r]) for r in torch.arange(len(rows)).split(size)]
+        scores = torch.cat([common.reward_model_scores(reward_model, *part) for part in parts])
+    else:
+        ended, template = rollout["has_eos"].tolist(), args.chat_template
+        scores = common.score_completions(reward_model, reward_tokenizer, prompts, completions, ended, template, size)
+    if args.missing_eos_penalty is not None:
+        scores = scores - args.missing_eos_penalty * (~rollout["has_eos"]).float()
+    return scores
 
-    Built as reward_model.py builds its training pairs: prompt and completion tokenised separately, EOS after a
-    completion that ended with one. Left padded; the score is read at the last real token.
-    """
-    ids = [
-        common.tokenize_prompt(reward_tokenizer, prompt, args.chat_template)
-        + reward_tokenizer(completion, add_special_tokens=False)["input_ids"]
-        + ([reward_tokenizer.eos_token_id] if eos else [])
-        for prompt, completion, eos in zip(prompts, completions, has_eos.tolist())
-    ]
-    batch = reward_tokenizer.pad({"input_ids": ids}, return_tensors="pt", padding_side="left").to(device)
-    return batch["input_ids"], batch["attention_mask"]
+
+# ============================================================================= update
+def ppo_update(policy, value_model, optimizer, rollout: dict, advantages: Tensor, returns: Tensor, args) -> dict:
+    """--num-ppo-epochs passes over --num-minibatches shuffled minibatches, an optimizer step on L_clip + vf_coef * L_V
+    each (its micro-batches weighted by their share of its tokens); returns the means of their losses and metrics."""
+
+    def losses(rows, logprobs, values) -> tuple[Tensor, Tensor, dict]:
+        mask = rollout["mask"][rows]
+        policy_inputs = dict(old_logprobs=rollout["old_logprobs"][rows], advantages=advantages[rows], mask=mask)
+        policy_loss, metrics = ppo_policy_loss(logprobs=logprobs, **policy_inputs, clip_range=args.clip_range)
+        value_inputs = dict(old_values=rollout["old_values"][rows], returns=returns[rows], mask=mask)
+        value_loss, clipfrac = ppo_value_loss(values=values, **value_inputs, clip_range_value=args.clip_range_value)
+        return policy_loss, value_loss, metrics | {"value_clipfrac": clipfrac}
+
+    policy.train()
+    value_model.train()
+    mask, minibatch_metrics = rollout["mask"], []
+    minibatch_size = mask.size(0) // args.num_minibatches
+    for _ in range(args.num_ppo_epochs):
+        for indices in torch.randperm(mask.size(0), device=mask.device).split(minibatch_size):
+            optimizer.zero_grad(set_to_none=True)
+            new_logprobs, new_values = [], []
+            for rows in indices.split(args.micro_batch_size or minibatch_size):
+                inputs = rollout["sequences"][rows], rollout["attention_mask"][rows], rollout["prompt_length"]
+                logits = completion_logits(policy, *inputs)
+                logprobs = common.token_logprobs(logits, rollout["completion_ids"][rows], args.temperature)
+                values = completion_values(value_model, *inputs)
+                policy_loss, value_loss, _ = losses(rows, logprobs, values)
+                share = mask[rows].sum() / mask[indices].sum()  # masked means over rows -> over the minibatch's tokens
+                # under torchrun the processes' gradients are summed below: the mean of their minibatch losses
+                ((policy_loss + args.vf_coef * value_loss) * share / common.world()[1]).backward()
+                new_logprobs.append(logprobs.detach())
+                new_values.append(values.detach())
+            with torch.no_grad():  # the minibatch's losses and metrics, at the log-probs and values of this gradient
+                policy_loss, value_loss, metrics = losses(indices, torch.cat(new_logprobs), torch.cat(new_values))
+            common.all_reduce_gradients(policy)
+            common.all_reduce_gradients(value_model)
+            parameters = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
+            optimizer.step()
+            minibatch_metrics.append(metrics | {"policy_loss": policy_loss, "value_loss": value_loss})
+    return {key: torch.stack([metrics[key] for metrics in minibatch_metrics]).mean() for key in minibatch_metrics[0]}
 
 
-# ----------------------------------------------------------------------------- training
-def main(args: Args):
-    if args.batch_size % args.num_minibatches != 0:
-        raise ValueError(f"--num-minibatches {args.num_minibatches} must divide --batch-size {args.batch_size}")
-    if args.target_kl is not None and args.target_kl <= 0:
-        raise ValueError(f"--target-kl must be positive, got {args.target_kl}")
+# ----------------------------------------------------------------------------- plumbing a learner may skip: checking
+# the flags, loading the prompts and the models, logging
+def validate(args: Args) -> None:
+    """Every flag checked before anything is loaded, each a one-line error naming it."""
+    positive = ["batch_size", "num_minibatches", "num_ppo_epochs", "total_steps", "eval_every", "max_new_tokens"]
+    positive += ["micro_batch_size", "kl_horizon", "keep_checkpoints"]
+    for name, low in [(name, 1) for name in positive] + [(name, 0) for name in ("save_every", "eval_size", "lora_r")]:
+        if getattr(args, name) is not None and getattr(args, name) < low:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= {low}")
     if args.temperature <= 0:
-        raise ValueError(f"--temperature must be positive (PPO samples), got {args.temperature}")
-    if args.lora_r < 0 or (args.micro_batch_size is not None and args.micro_batch_size < 1):
-        raise ValueError(f"--lora-r must be >= 0 (got {args.lora_r}), --micro-batch-size >= 1 (got {args.micro_batch_size})")
-    rank, world_size, device = common.setup_distributed(args.device)  # (0, 1, device) without torchrun
-    if args.batch_size % (world_size * args.num_minibatches):
-        raise ValueError(f"--batch-size {args.batch_size} must divide by {world_size} processes x --num-minibatches {args.num_minibatches}")
-    local_batch_size = args.batch_size // world_size
-    run_name = common.run_name_for(args)
-    writer = common.setup_logging(args, run_name)
-    common.seed_everything(args.seed)
-    dtype, autocast_dtype = common.choose_precision(args.dtype, device)
+        raise ValueError(f"--temperature {args.temperature} must be > 0 (PPO samples)")
+    if args.target_kl is not None and args.target_kl <= 0:
+        raise ValueError(f"--target-kl {args.target_kl} must be > 0")
+    if args.reward_fn not in ["reward_model", *tasks.REWARD_FUNCTIONS]:
+        raise ValueError(f"--reward-fn {args.reward_fn!r} is not reward_model or in {list(tasks.REWARD_FUNCTIONS)}")
 
-    # the four models: policy (trained), reference (frozen), reward model (frozen), value model (trained). Dropout is off in all.
-    # With LoRA the reference is the policy with its adapters switched off, so it needs no copy of its own.
+
+def load_prompts(args: Args) -> tuple[list[dict], list[dict]]:
+    """(training rows, held-out rows); with a reward model a file needs only prompts (held out if all have answers)."""
+    if args.reward_fn == "reward_model" and args.dataset != tasks.ARITHMETIC:
+        if args.dataset.endswith(".jsonl"):
+            rows = tasks.read_jsonl(args.dataset, ("prompt",))
+        else:
+            rows = tasks.load_hf_dataset(args.dataset, args.hf_split, {"prompt": args.prompt_field})
+        if not all("answer" in row for row in rows):
+            return rows, []
+    size = dict(num_rows=args.total_steps * args.batch_size, held_out=args.eval_size, digits=args.digits)
+    columns = {"prompt": args.prompt_field, "answer": args.answer_field}
+    return tasks.load_rows(args.dataset, "prompts", **size, seed=args.seed, hf_split=args.hf_split, columns=columns)
+
+
+def load_models(args: Args, device, dtype, autocast_dtype) -> tuple:
+    """(tokenizer, policy, reference or None with LoRA, value model, reward model, its tokenizer or None if ours)."""
+    load = dict(trust_remote_code=args.trust_remote_code, dtype=dtype, autocast_dtype=autocast_dtype)
     tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
-    policy = common.load_model(args.model, AutoModelForCausalLM, args.trust_remote_code, dtype, autocast_dtype).to(device)
-    ref_policy = None
-    if args.lora_r:
+    policy, ref_policy = common.load_model(args.model, AutoModelForCausalLM, **load).to(device), None
+    if args.lora_r:  # the reference is the policy with its adapters off: no copy of its own
         policy = common.apply_lora(policy, args.lora_r, args.lora_alpha, args.lora_target_modules)
     else:
-        ref_policy = common.load_model(args.model, AutoModelForCausalLM, args.trust_remote_code, dtype, autocast_dtype)
-        ref_policy = ref_policy.to(device).requires_grad_(False)
+        ref_policy = common.load_model(args.model, AutoModelForCausalLM, **load).to(device).requires_grad_(False)
     reward_model = reward_tokenizer = None
     if args.reward_fn == "reward_model":
-        reward_model = common.load_model(
-            args.reward_model, AutoModelForSequenceClassification, args.trust_remote_code, dtype, autocast_dtype
-        )
+        classifier = AutoModelForSequenceClassification  # with a trained `score` head: an error names one without
+        reward_model = common.load_model(args.reward_model, classifier, **load, trained_head="score")
+        if reward_model.config.num_labels != 1:
+            raise ValueError(f"--reward-model {args.reward_model!r} has {reward_model.config.num_labels} labels, not 1")
         reward_model.to(device).requires_grad_(False)
         reward_tokenizer = common.load_tokenizer(args.reward_model, args.trust_remote_code)
-        same_tokenizer = reward_tokenizer.get_vocab() == tokenizer.get_vocab()
+        reward_tokenizer = None if reward_tokenizer.get_vocab() == tokenizer.get_vocab() else reward_tokenizer
     # the critic starts from the reward model when there is one (it already reads "how good is this text"), else from
     # the policy. It reads the policy's token ids, so a reward model with another tokenizer cannot be its start.
-    value_source = args.reward_model if reward_model is not None and same_tokenizer else args.model
+    value_source = args.reward_model if reward_model is not None and reward_tokenizer is None else args.model
     value_model = load_value_model(value_source, args.trust_remote_code, dtype, autocast_dtype).to(device)
     if args.lora_r:  # adapters added in place; the value model is not saved, so its peft wrapper is not needed
         common.apply_lora(value_model, args.lora_r, args.lora_alpha, args.lora_target_modules, "SEQ_CLS")
-    if args.gradient_checkpointing:
-        common.enable_gradient_checkpointing(policy)
-        common.enable_gradient_checkpointing(value_model)
-    common.broadcast_parameters(policy)
-    common.broadcast_parameters(value_model)  # every process starts from rank 0's weights
-    common.seed_everything(args.seed + rank)  # each process samples different completions
-    policy_parameters = [p for p in policy.parameters() if p.requires_grad]
-    value_parameters = [p for p in value_model.parameters() if p.requires_grad]
+    for model in (policy, value_model):
+        if args.gradient_checkpointing:
+            common.enable_gradient_checkpointing(model)
+        common.broadcast_parameters(model)  # every process starts from rank 0's weights
+    trained = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     print(
-        f"policy {args.model}: {sum(p.numel() for p in policy.parameters()):,} parameters ({sum(p.numel() for p in policy_parameters):,} trained);"
+        f"policy {args.model}: {sum(p.numel() for p in policy.parameters()):,} parameters ({trained:,} trained);"
         f" value model from {value_source}; on {device} in {dtype}, autocast {autocast_dtype}"
     )
+    return tokenizer, policy, ref_policy, value_model, reward_model, reward_tokenizer
 
-    train_rows, eval_rows = load_rows(args)
-    for row in train_rows:
-        row["prompt_ids"] = common.tokenize_prompt(tokenizer, row["prompt"], args.chat_template)
-    max_new_tokens = args.max_new_tokens or (args.digits + 2 if args.dataset == "arithmetic" else 64)
 
-    parameters = policy_parameters + value_parameters
-    # fused=True: one kernel updates every parameter tensor (the same AdamW step without a Python loop over tensors; HF Trainer's default)
-    optimizer = torch.optim.AdamW(
-        [{"params": policy_parameters, "lr": args.learning_rate}, {"params": value_parameters, "lr": args.value_learning_rate}],
-        eps=1e-5,
-        weight_decay=0.0,
-        fused=True,
+def load_value_model(name_or_path: str, trust_remote_code: bool, dtype: torch.dtype, autocast_dtype=None):
+    """The critic: a sequence classifier (num_labels=1) whose `score` head, set to 0, is read at every token."""
+    value_model = common.load_model(
+        name_or_path, AutoModelForSequenceClassification, trust_remote_code, dtype, autocast_dtype, num_labels=1
     )
+    for parameter in value_model.score.parameters():  # the weight (and a bias, if any)
+        torch.nn.init.zeros_(parameter)
+    return value_model
+
+
+# the TensorBoard group of each metric averaged over processes
+TAGS = dict(objective=["entropy"], policy=["ratio_mean", "ratio_var"], charts=["eos_fraction", "completion_length"])
+TAGS["losses"] = ["policy_loss", "value_loss", "approx_kl", "clipfrac", "value_clipfrac", "explained_variance"]
+
+
+def log_step(writer, step: int, rollout: dict, scores, kl, returns, kl_coef, update: dict, lr, sps) -> dict:
+    """Log the rollout's sequence-level reward and KL (every process's) and the other metrics' means over processes."""
+    explained = torch.tensor(explained_variance(rollout["old_values"], returns, rollout["mask"]))
+    per_process = update | {"entropy": rollout["entropy"], "explained_variance": explained}
+    ended, lengths = rollout["has_eos"].float(), rollout["mask"].sum(1).float()
+    per_process |= {"eos_fraction": ended.mean(), "completion_length": lengths.mean()}
+    mean = {key: common.all_reduce_sum(value.float().to(scores.device)).item() for key, value in per_process.items()}
+    mean = {key: value / common.world()[1] for key, value in mean.items()}
+    score, sequence_kl = common.all_gather(scores).mean().item(), common.all_gather(kl.sum(1)).mean().item()
+    penalty = -kl_coef * sequence_kl  # the KL part of the RLHF reward
+    scalars = {"objective/scores": score, "objective/kl": sequence_kl, "objective/non_score_reward": penalty}
+    scalars |= {"objective/rlhf_reward": score + penalty, "objective/kl_coef": kl_coef, "charts/learning_rate": lr}
+    scalars |= {f"{group}/{key}": mean[key] for group, keys in TAGS.items() for key in keys} | {"charts/SPS": sps}
+    for tag, value in scalars.items():
+        writer.add_scalar(tag, value, step)
+    return scalars
+
+
+def print_progress(writer, step: int, scalars: dict, rows: list[dict], completions: list[str], scores) -> None:
+    """A console line of the step's main metrics and three sample completions with their scores."""
+    samples = "  ".join(f"{r['prompt']}{c!r} ({s:+.2f})" for r, c, s in zip(rows[:3], completions, scores.tolist()))
+    writer.add_text("samples", samples, step)
+    print(
+        f"step {step:4d}  score {scalars['objective/scores']:+.3f}  kl {scalars['objective/kl']:.4f}  entropy"
+        f" {scalars['objective/entropy']:.3f}  value_loss {scalars['losses/value_loss']:.4f}  clipfrac"
+        f" {scalars['losses/clipfrac']:.3f}  SPS {scalars['charts/SPS']:.2f}  samples: {samples}",
+        flush=True,
+    )
+
+
+def evaluate(writer, step: int, policy, tokenizer, rows: list[dict], max_new_tokens: int, args: Args) -> None:
+    """Held-out greedy accuracy, logged and printed with three samples."""
+    scoring = dict(chat_template=args.chat_template, reward_fn=tasks.eval_reward(args.dataset))
+    accuracy, completions = common.evaluate_accuracy(policy, tokenizer, rows, max_new_tokens, **scoring)
+    writer.add_scalar("charts/eval_accuracy", accuracy, step)
+    samples = "  ".join(f"{row['prompt']}{text!r}" for row, text in zip(rows[:3], completions))
+    print(f"step {step:4d}  eval_accuracy {accuracy:.3f}  greedy samples: {samples}", flush=True)
+
+
+# ============================================================================= main
+def main(args: Args):
+    validate(args)
+    common.check_output_dir(args.output_dir, args.overwrite_output_dir)  # before any model is loaded
+    rank, world_size, device = common.setup_distributed(args.device)  # (0, 1, device) without torchrun
+    if args.batch_size % (args.num_minibatches * world_size):  # every process takes an equal share of a minibatch
+        times = f" x {world_size} processes" if world_size > 1 else ""
+        raise ValueError(f"--num-minibatches {args.num_minibatches}{times} must divide --batch-size {args.batch_size}")
+    common.seed_everything(args.seed)
+    dtype, autocast_dtype = common.choose_precision(args.dtype, device)
+    train_rows, held_out_rows = load_prompts(args)
+    # the four models: policy (trained), reference (frozen), reward model (frozen), value model (trained)
+    models = load_models(args, device, dtype, autocast_dtype)
+    tokenizer, policy, ref_policy, value_model, reward_model, reward_tokenizer = models
+    common.seed_everything(args.seed + rank)  # each process samples different completions
+
+    positions, max_new_tokens = common.max_positions(policy), args.max_new_tokens
+    if max_new_tokens is None:
+        max_new_tokens = args.digits + 2 if args.dataset == tasks.ARITHMETIC else min(64, positions // 2)
+    room = positions - max_new_tokens  # longer prompts cannot be completed in the model's positions: dropped, counted
+    train_rows = common.fit_prompts(tokenizer, train_rows, args.chat_template, room, "training prompts")
+    eval_rows = tasks.eval_problems(args.dataset, args.eval_dataset, args.digits, args.eval_size) or held_out_rows
+    eval_rows = common.fit_prompts(tokenizer, eval_rows, args.chat_template, room, "held-out problems")
+    if len(train_rows) < args.batch_size:
+        raise ValueError(f"{args.dataset} has {len(train_rows)} training prompts, one step needs {args.batch_size}")
+
+    policy_group = {"params": [p for p in policy.parameters() if p.requires_grad], "lr": args.learning_rate}
+    value_group = {"params": [p for p in value_model.parameters() if p.requires_grad], "lr": args.value_learning_rate}
+    optimizer = torch.optim.AdamW([policy_group, value_group], eps=1e-5, weight_decay=0.0, fused=True)
     scheduler = common.linear_schedule(optimizer, 0, args.total_steps)  # linear decay to 0, no warm-up
-    generator = torch.Generator().manual_seed(args.seed)  # the same on every process: they agree on each batch's prompts
+    generator = torch.Generator().manual_seed(args.seed)  # the same on every process: they agree on each batch
     order = torch.randperm(len(train_rows), generator=generator).tolist()
-    minibatch_size = local_batch_size // args.num_minibatches
-    rollout_rows = args.micro_batch_size or local_batch_size  # rows per no-grad pass of the rollout
-    rollout_chunks = [slice(i, i + rollout_rows) for i in range(0, local_batch_size, rollout_rows)]
-    kl_coef = args.kl_coef
+    kl_coef, start_step, trained = args.kl_coef, 0, {"policy": policy, "value_model": value_model}
+    checkpoint = common.find_checkpoint(args.resume, args.output_dir)
+    if checkpoint is not None:
+        start_step, data = common.load_checkpoint(checkpoint, trained, optimizer, scheduler, args)
+        order, kl_coef = data["order"], data["kl_coef"]
+        generator.set_state(data["generator"])
+    writer = common.setup_logging(args, common.run_name_for(args))
 
-    def evaluate(step: int) -> None:
-        accuracy, completions = common.evaluate_accuracy(policy, tokenizer, eval_rows, max_new_tokens, chat_template=args.chat_template)
-        writer.add_scalar("charts/eval_accuracy", accuracy, step)
-        samples = "  ".join(f"{row['prompt']}{text!r}" for row, text in zip(eval_rows[:3], completions))
-        print(f"step {step:4d}  eval_accuracy {accuracy:.3f}  greedy samples: {samples}", flush=True)
-
-    if eval_rows:
-        evaluate(0)
+    if eval_rows and checkpoint is None:
+        evaluate(writer, 0, policy, tokenizer, eval_rows, max_new_tokens, args)
     start_time = time.time()
-    for step in range(1, args.total_steps + 1):
-        if len(order) < args.batch_size:  # reshuffle after each pass over the prompts
-            order += torch.randperm(len(train_rows), generator=generator).tolist()
-        batch_rows = [train_rows[i] for i in common.shard(order[: args.batch_size], rank, world_size)]  # this process's share
-        order = order[args.batch_size :]
-        prompts = [row["prompt"] for row in batch_rows]
+    with common.stop_on_signal() as stop:
+        for step in range(start_step + 1, args.total_steps + 1):
+            if len(order) < args.batch_size:  # reshuffle after each pass over the prompts
+                order += torch.randperm(len(train_rows), generator=generator).tolist()
+            rows = [train_rows[i] for i in common.shard(order[: args.batch_size], rank, world_size)]  # this process's
+            order = order[args.batch_size :]
 
-        # 1. rollout: sample one completion per left-padded prompt from the current (= old) policy, at full support
-        policy.eval()  # generation keeps its KV cache (gradient checkpointing turns it off in train mode)
-        with torch.no_grad():
-            prompt_batch = tokenizer.pad({"input_ids": [row["prompt_ids"] for row in batch_rows]}, return_tensors="pt", padding_side="left")
-            prompt_batch = prompt_batch.to(device)
-            sequences = policy.generate(
-                **prompt_batch,
-                max_new_tokens=max_new_tokens,
-                do_sample=True,
-                temperature=args.temperature,
-                top_k=0,
-                top_p=1.0,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            prompt_length = prompt_batch["input_ids"].size(1)
-            completion_ids = sequences[:, prompt_length:]
-            mask, has_eos = common.completion_mask(completion_ids, tokenizer.eos_token_id)  # up to and including the first EOS
-            attention_mask = torch.cat([prompt_batch["attention_mask"], mask], dim=1)
+            # 1. rollout: one completion per prompt, its old and reference log-probs and old values, its score
+            prompt_ids = [row["prompt_ids"] for row in rows]
+            rollout = sample_rollout(policy, ref_policy, value_model, tokenizer, prompt_ids, max_new_tokens, args)
+            completions = common.decode_completions(tokenizer, rollout["completion_ids"], rollout["mask"])
+            scores = sequence_scores(rollout, rows, completions, reward_model, reward_tokenizer, args)
 
-            # 2. old log-probs, reference log-probs and old values, all teacher-forced with position ids from the mask,
-            # chunk by chunk of rows (--micro-batch-size)
-            old_logprobs, entropies, ref_logprobs, old_values = [], [], [], []
-            for rows in rollout_chunks:
-                logits = completion_logits(policy, sequences[rows], attention_mask[rows], prompt_length)
-                old_logprobs.append(common.token_logprobs(logits, completion_ids[rows], args.temperature))
-                entropies.append(common.entropy_from_logits(logits, args.temperature))
-                with policy.disable_adapter() if args.lora_r else contextlib.nullcontext():
-                    logits = completion_logits(policy if args.lora_r else ref_policy, sequences[rows], attention_mask[rows], prompt_length)
-                ref_logprobs.append(common.token_logprobs(logits, completion_ids[rows], args.temperature))
-                old_values.append(completion_values(value_model, sequences[rows], attention_mask[rows], prompt_length))
-                del logits
-            old_logprobs, ref_logprobs, old_values = torch.cat(old_logprobs), torch.cat(ref_logprobs), torch.cat(old_values)
-            entropy = common.masked_mean(torch.cat(entropies), mask)
-
-            # 3. the sequence score: the frozen reward model at the last real token, or the verifiable reward
-            completions = common.decode_completions(tokenizer, completion_ids, mask)
-            if args.reward_fn == "reward_model":
-                if same_tokenizer:
-                    reward_inputs = sequences, attention_mask
-                else:
-                    reward_inputs = reward_model_inputs(args, reward_tokenizer, prompts, completions, has_eos, device)
-                scores = torch.cat([common.reward_model_scores(reward_model, *(t[rows] for t in reward_inputs)) for rows in rollout_chunks])
-            else:
-                answers = [row["answer"] for row in batch_rows]
-                scores = torch.tensor(common.arithmetic_reward(prompts, completions, answers), device=device)
-            if args.missing_eos_penalty is not None:
-                scores = scores - args.missing_eos_penalty * (~has_eos).float()
-
-            # 4. per-token KL-shaped reward, GAE, whitened advantages (mean and std of the whole batch, every process's)
-            rewards, kl = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef, args.kl_estimator)
+            # 2. the KL-shaped per-token reward, GAE, advantages whitened over the whole batch (every process's)
+            logprobs, ref_logprobs, mask = rollout["old_logprobs"], rollout["ref_logprobs"], rollout["mask"]
+            rewards, kl = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, args.kl_estimator)
             if args.whiten_rewards:
-                rewards = common.masked_whiten(rewards, mask, shift_mean=False)
-            advantages, returns = compute_gae(rewards, old_values, mask, args.gamma, args.lam)
-            advantages = common.masked_whiten(advantages, mask)
+                rewards = masked_whiten(rewards, mask, shift_mean=False)  # unit variance, the mean (and sign) kept
+            advantages, returns = compute_gae(rewards, rollout["old_values"], mask, args.gamma, args.lam)
+            advantages = masked_whiten(advantages, mask)
 
-        # 5. PPO update: epochs x shuffled minibatches of the rollout. Under torchrun each process updates on minibatches
-        # of its own rows and the gradients are averaged over processes, as DistributedDataParallel does. A minibatch runs
-        # in micro-batches whose losses are weighted by their share of its tokens, so the gradients add up to its loss's.
-        policy.train()
-        value_model.train()
-        update_metrics = []
-        learning_rate = scheduler.get_last_lr()[0]  # the policy's rate in this update; scheduler.step() moves to the next one's
-        for _ in range(args.num_ppo_epochs):
-            for indices in torch.randperm(local_batch_size, device=device).split(minibatch_size):
-                optimizer.zero_grad(set_to_none=True)
-                minibatch_tokens = mask[indices].sum()
-                new_logprobs, new_values = [], []
-                for rows in indices.split(args.micro_batch_size or minibatch_size):
-                    logits = completion_logits(policy, sequences[rows], attention_mask[rows], prompt_length)
-                    logprobs = common.token_logprobs(logits, completion_ids[rows], args.temperature)
-                    values = completion_values(value_model, sequences[rows], attention_mask[rows], prompt_length)
-                    policy_loss, _ = ppo_policy_loss(logprobs, old_logprobs[rows], advantages[rows], mask[rows], args.clip_range)
-                    value_loss, _ = ppo_value_loss(values, old_values[rows], returns[rows], mask[rows], args.clip_range_value)
-                    share = mask[rows].sum() / minibatch_tokens  # masked means over the rows -> over the minibatch's tokens
-                    # summed over processes below: the mean of their minibatch losses
-                    ((policy_loss + args.vf_coef * value_loss) * share / world_size).backward()
-                    new_logprobs.append(logprobs.detach())
-                    new_values.append(values.detach())
-                with torch.no_grad():  # the minibatch's losses and metrics, at the log-probs and values of this gradient
-                    policy_loss, metrics = ppo_policy_loss(
-                        torch.cat(new_logprobs), old_logprobs[indices], advantages[indices], mask[indices], args.clip_range
-                    )
-                    value_loss, value_clipfrac = ppo_value_loss(
-                        torch.cat(new_values), old_values[indices], returns[indices], mask[indices], args.clip_range_value
-                    )
-                common.all_reduce_gradients(policy)
-                common.all_reduce_gradients(value_model)
-                torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
-                optimizer.step()
-                update_metrics.append({**metrics, "policy_loss": policy_loss, "value_loss": value_loss, "value_clipfrac": value_clipfrac})
-        scheduler.step()
+            # 3. PPO update: epochs x shuffled minibatches of the rollout
+            learning_rate = scheduler.get_last_lr()[0]  # the policy's rate in this update
+            update = ppo_update(policy, value_model, optimizer, rollout, advantages, returns, args)
+            scheduler.step()
 
-        # 6. logging: sequence-level KL and reward of the whole rollout, means of the update metrics over processes
-        all_scores, sequence_kls = common.all_gather(scores), common.all_gather(kl.sum(1))
-        sequence_kl = sequence_kls.mean().item()
-        non_score_reward = -kl_coef * sequence_kl
-        per_process = {key: torch.stack([m[key] for m in update_metrics]).mean() for key in update_metrics[0]}
-        per_process |= {
-            "entropy": entropy,
-            "explained_variance": torch.tensor(explained_variance(old_values, returns, mask), device=device),
-        }
-        per_process |= {"eos_fraction": has_eos.float().mean(), "completion_length": mask.sum(1).float().mean()}
-        mean = {key: common.all_reduce_sum(value.float()).item() / world_size for key, value in per_process.items()}
-        scalars = {
-            "objective/scores": all_scores.mean().item(),
-            "objective/kl": sequence_kl,
-            "objective/non_score_reward": non_score_reward,
-            "objective/rlhf_reward": all_scores.mean().item() + non_score_reward,
-            "objective/entropy": mean["entropy"],
-            "objective/kl_coef": kl_coef,
-            "losses/policy_loss": mean["policy_loss"],
-            "losses/value_loss": mean["value_loss"],
-            "losses/approx_kl": mean["approx_kl"],
-            "losses/clipfrac": mean["clipfrac"],
-            "losses/value_clipfrac": mean["value_clipfrac"],
-            "losses/explained_variance": mean["explained_variance"],
-            "policy/ratio_mean": mean["ratio_mean"],
-            "policy/ratio_var": mean["ratio_var"],
-            "charts/eos_fraction": mean["eos_fraction"],
-            "charts/completion_length": mean["completion_length"],
-            "charts/learning_rate": learning_rate,
-            "charts/SPS": step / (time.time() - start_time),
-        }
-        for tag, value in scalars.items():
-            writer.add_scalar(tag, value, step)
-        if args.target_kl is not None:
-            kl_coef = adaptive_kl_coef(kl_coef, sequence_kl, args.target_kl, args.kl_horizon, args.batch_size)
+            sps = (step - start_step) / (time.time() - start_time)
+            logged = log_step(writer, step, rollout, scores, kl, returns, kl_coef, update, learning_rate, sps)
+            if args.target_kl is not None:  # the adaptive KL controller
+                sequence_kl = logged["objective/kl"]  # the mean over the whole batch
+                kl_coef = adaptive_kl_coef(kl_coef, sequence_kl, args.target_kl, args.kl_horizon, args.batch_size)
+            if step % args.eval_every == 0 or step == args.total_steps:
+                print_progress(writer, step, logged, rows, completions, scores)
+                if eval_rows:
+                    evaluate(writer, step, policy, tokenizer, eval_rows, max_new_tokens, args)
+            if common.checkpoint_due(stop, step, args.save_every):
+                data = {"order": order, "generator": generator.get_state(), "kl_coef": kl_coef}
+                common.save_checkpoint(
+                    args.output_dir, step, trained, optimizer, scheduler, data, args, args.keep_checkpoints
+                )
+                if stop.name:
+                    raise SystemExit(f"stopped by {stop.name} after step {step}; continue with --resume auto")
 
-        if step % args.eval_every == 0 or step == args.total_steps:
-            samples = "  ".join(
-                f"{prompt}{text!r} ({score:+.2f})" for prompt, text, score in zip(prompts[:3], completions, scores.tolist())
-            )
-            writer.add_text("samples", samples, step)
-            print(
-                f"step {step:4d}  score {scalars['objective/scores']:+.3f}  kl {sequence_kl:.4f}  entropy {mean['entropy']:.3f}  "
-                f"value_loss {mean['value_loss']:.4f}  clipfrac {mean['clipfrac']:.3f}  SPS {scalars['charts/SPS']:.2f}  samples: {samples}",
-                flush=True,
-            )
-            if eval_rows:
-                evaluate(step)
-
-    common.save_checkpoint(policy, tokenizer, args.output_dir)
+    common.save_model(policy, tokenizer, args.output_dir, args)
     print(f"saved {args.output_dir} after {time.time() - start_time:.0f}s")
     writer.close()
     return policy, value_model
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
-    common.finish_distributed()  # under torchrun: every process leaves the group together
+    common.run(main, Args)

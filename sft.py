@@ -1,12 +1,16 @@
-# Supervised fine-tuning (SFT): next-token cross-entropy on completion tokens only. README.md, section "SFT".
+# Supervised fine-tuning (SFT): next-token cross-entropy on the completion tokens of demonstrations. See docs/sft.md.
+import string
 import time
 from dataclasses import dataclass
 
 import torch
-import tyro
-from transformers import AutoModelForCausalLM
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 import common
+import tasks
+
+TINY_MODEL = "tiny"  # the `--model` value that builds the char-level GPT-2 from scratch instead of loading one
 
 
 @dataclass
@@ -19,18 +23,28 @@ class Args:
     device: str = "auto"
     """`auto` (cuda > mps > cpu), or a torch device such as `cpu` or `cuda:1`"""
     dtype: str = "auto"
-    """`auto` (mixed on a GPU with bf16, float32 elsewhere), `mixed` (fp32 weights, bf16 autocast), float32, bfloat16, float16"""
+    """`auto` (mixed on a bf16 GPU, else float32), `mixed` (fp32 weights, bf16 autocast), float32, bfloat16, float16"""
     track: bool = False
     """log to Weights & Biases as well as TensorBoard"""
     wandb_project_name: str = "rlhf-reference"
     """the W&B project, when --track"""
     wandb_entity: str | None = None
     """the W&B entity (team), when --track"""
+
+    # run: output, checkpoints, resume
     output_dir: str = "checkpoints/sft"
-    """where the final Hugging Face checkpoint (model + tokenizer) is written"""
+    """where the final Hugging Face checkpoint (model + tokenizer) and the checkpoint-N folders go"""
+    overwrite_output_dir: bool = False
+    """write into --output-dir even if it holds files these scripts did not write (nothing of them is deleted)"""
+    save_every: int = 500
+    """save a checkpoint-N folder for --resume every this many steps (0: only on SIGINT/SIGTERM)"""
+    keep_checkpoints: int = 2
+    """checkpoint-N folders kept (the newest)"""
+    resume: str | None = None
+    """a checkpoint-N folder to continue from, or `auto`: the newest under --output-dir (none there: a fresh start)"""
 
     # model and data
-    model: str = common.TINY_MODEL
+    model: str = TINY_MODEL
     """a Hugging Face model id, a local checkpoint folder, or `tiny` to build a char-level GPT-2 from scratch"""
     trust_remote_code: bool = False
     """allow a hub model to run its own Python code"""
@@ -40,8 +54,12 @@ class Args:
     """width of the `tiny` model"""
     tiny_n_head: int = 4
     """attention heads of the `tiny` model"""
-    dataset: str = "arithmetic"
+    dataset: str = tasks.ARITHMETIC
     """`arithmetic` (built-in addition task), a prompt/completion .jsonl file, or a Hugging Face dataset id"""
+    num_demonstrations: int | None = None
+    """N demonstrations, cycled (arithmetic: N distinct problems; a file: its first N rows); None: all (a new stream)"""
+    eval_dataset: str | None = None
+    """a prompt/answer .jsonl file of held-out problems for the greedy accuracy (None: the arithmetic test split)"""
     digits: int = 2
     """operand digits of the arithmetic task"""
     hf_split: str = "train"
@@ -53,21 +71,9 @@ class Args:
     chat_template: bool = False
     """wrap each prompt in the tokenizer's chat template (when it has one)"""
     max_length: int = 512
-    """prompt + completion tokens kept per example; longer ones are cut at the end (and counted)"""
+    """prompt + completion tokens kept per example (at most the model's positions); longer ones are cut at the end"""
 
-    # memory (README.md, "Scaling up")
-    micro_batch_size: int | None = None
-    """examples per forward/backward pass; gradients accumulate over the batch (default: the whole batch of this process)"""
-    gradient_checkpointing: bool = False
-    """recompute activations in the backward pass instead of storing them: less memory, more compute"""
-    lora_r: int = 0
-    """rank of LoRA adapters (needs peft); 0 trains every weight"""
-    lora_alpha: float = 16.0
-    """LoRA scale alpha: the adapter adds (alpha / r) B A to each target weight"""
-    lora_target_modules: str = "all-linear"
-    """comma-separated module names that get adapters, or `all-linear`"""
-
-    # optimisation
+    # SFT hyper-parameters
     total_steps: int = 2000
     """optimizer steps"""
     batch_size: int = 64
@@ -85,23 +91,22 @@ class Args:
     eval_size: int = 500
     """held-out examples to evaluate on"""
     max_new_tokens: int | None = None
-    """tokens generated at evaluation; default digits + 2 on arithmetic"""
+    """tokens generated at evaluation (None: digits + 2 on arithmetic, else 64; at most half the model's positions)"""
+
+    # memory savers
+    micro_batch_size: int | None = None
+    """examples per forward/backward pass; gradients accumulate over the batch (None: this process's whole batch)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass instead of storing them: less memory, more compute"""
+    lora_r: int = 0
+    """rank of LoRA adapters (needs peft); 0 trains every weight"""
+    lora_alpha: float = 16.0
+    """LoRA scale alpha: the adapter adds (alpha / r) B A to each target weight"""
+    lora_target_modules: str = "all-linear"
+    """comma-separated module names that get adapters, or `all-linear`"""
 
 
-def load_rows(args: Args) -> tuple[list[dict], list[dict]]:
-    """(train rows, held-out rows) of {"prompt", "completion"} (plus "answer" on arithmetic)."""
-    if args.dataset == "arithmetic":
-        train = common.arithmetic_problems(args.total_steps * args.batch_size, args.digits, "train", seed=args.seed)
-        test = common.arithmetic_eval_set(args.eval_size, args.digits)
-        return [{**row, "completion": row["answer"]} for row in train], [{**row, "completion": row["answer"]} for row in test]
-    if args.dataset.endswith(".jsonl"):
-        rows = common.read_jsonl(args.dataset, ("prompt", "completion"))
-    else:
-        rows = common.load_hf_dataset(args.dataset, args.hf_split, {"prompt": args.prompt_field, "completion": args.completion_field})
-    held_out = min(args.eval_size, len(rows) // 10)
-    return rows[held_out:], rows[:held_out]
-
-
+# ----------------------------------------------------------------------------- the math of SFT
 def tokenize_example(tokenizer, row: dict, max_length: int, chat_template: bool) -> tuple[list[int], list[int], bool]:
     """(input_ids, labels, truncated): prompt and completion tokenised separately, EOS appended, prompt labels -100."""
     prompt_ids = common.tokenize_prompt(tokenizer, row["prompt"], chat_template)
@@ -111,156 +116,214 @@ def tokenize_example(tokenizer, row: dict, max_length: int, chat_template: bool)
     return input_ids, labels, len(prompt_ids) + len(completion_ids) > max_length
 
 
-def collate(examples: list[tuple[list[int], list[int]]], pad_token_id: int, device) -> dict:
-    """Right-pad a batch: input_ids, attention_mask, labels (-100 on prompt and padding)."""
-    length = max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(examples), length), -100, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
-    for row, (ids, row_labels) in enumerate(examples):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        labels[row, : len(ids)] = torch.tensor(row_labels)
-        attention_mask[row, : len(ids)] = 1
-    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), "labels": labels.to(device)}
-
-
 def sft_loss(model, batch: dict, num_tokens: torch.Tensor | None = None) -> torch.Tensor:
-    """L = -(1/|C|) sum_{t in C} log pi(y_t | y_<t): mean negative log-likelihood over completion tokens C only.
-
-    Logits at position t predict token t+1, so log-probs are taken of the inputs shifted by one;
-    prompt and padding positions carry the label -100 and are masked out. With gradient accumulation or
-    several processes pass |C| of the whole batch as `num_tokens`, so the parts add up to the batch loss.
-    """
-    attention_mask = batch["attention_mask"]
-    logits = model(
-        input_ids=batch["input_ids"], attention_mask=attention_mask, position_ids=common.position_ids_from_mask(attention_mask)
-    ).logits
-    targets = batch["labels"][:, 1:]
+    """L = -(1/|C|) sum_{t in C} log pi(y_t | y_<t): mean negative log-likelihood over the completion tokens C only
+    (labels not -100, shifted by one). `num_tokens`: |C| of a whole batch that arrives in parts, so the parts add up."""
+    mask = batch["attention_mask"]
+    position_ids = common.position_ids_from_mask(mask)
+    logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids).logits
+    targets = batch["labels"][:, 1:]  # the logits at position t predict token t + 1
     loss_mask = targets != -100
     logprobs = common.token_logprobs(logits[:, :-1], targets.clamp(min=0))
     num_tokens = loss_mask.sum() if num_tokens is None else num_tokens
     return -(logprobs * loss_mask).sum() / num_tokens.clamp(min=1)
 
 
-def main(args: Args) -> None:
-    rank, world_size, device = common.setup_distributed(args.device)  # (0, 1, device) without torchrun
-    if (
-        args.batch_size < 1
-        or args.batch_size % world_size
-        or (args.micro_batch_size is not None and args.micro_batch_size < 1)
-        or args.lora_r < 0
-    ):
-        raise ValueError(
-            f"--batch-size {args.batch_size} must be >= 1 and divide by the number of processes ({world_size}), "
-            f"--micro-batch-size {args.micro_batch_size} >= 1, --lora-r {args.lora_r} >= 0"
-        )
-    local_batch_size = args.batch_size // world_size
-    micro_batch_size = min(args.micro_batch_size or local_batch_size, local_batch_size)
-    run_name = common.run_name_for(args)
-    writer = common.setup_logging(args, run_name)
-    common.seed_everything(args.seed)
-    dtype, autocast_dtype = common.choose_precision(args.dtype, device)
+# ----------------------------------------------------------------------------- the update
+def sft_step(model, optimizer, scheduler, micro_batches: list[dict], num_tokens, max_grad_norm: float) -> dict:
+    """One optimizer step; each micro-batch's loss is divided by |C| of the whole batch (all processes' shares)."""
+    num_tokens = common.all_reduce_sum(num_tokens)
+    optimizer.zero_grad(set_to_none=True)
+    loss = 0.0
+    for micro_batch in micro_batches:
+        micro_loss = sft_loss(model, micro_batch, num_tokens)
+        micro_loss.backward()
+        loss += micro_loss.detach()
+    loss = common.all_reduce_sum(loss)
+    common.all_reduce_gradients(model)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    learning_rate = scheduler.get_last_lr()[0]  # the rate of this step; scheduler.step() moves to the next step's
+    optimizer.step()
+    scheduler.step()
+    return {"losses/sft_loss": loss.item(), "losses/grad_norm": grad_norm.item(), "charts/learning_rate": learning_rate}
 
-    # model and tokenizer: built from scratch for `tiny`, loaded otherwise
-    if args.model == common.TINY_MODEL:
-        tokenizer = common.build_tiny_tokenizer()
-        model = common.build_tiny_gpt2(tokenizer, args.tiny_n_layer, args.tiny_n_embd, args.tiny_n_head).to(dtype)
-        common.enable_autocast(model, autocast_dtype)
+
+# ----------------------------------------------------------------------------- plumbing a learner may skip: the tiny
+# model, flags, loading, batching, evaluation
+def build_tiny_tokenizer(padding_side: str = "left"):
+    """A char-level tokenizer: one token per printable ASCII character, plus <pad>, <eos> and <unk>."""
+    characters = list(string.digits + string.ascii_letters + string.punctuation + " \n")
+    vocab = {token: index for index, token in enumerate(["<pad>", "<eos>", "<unk>"] + characters)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()  # joins characters without the spaces a word-level decoder would insert
+    specials = dict(pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", clean_up_tokenization_spaces=False)
+    # a transformers fast tokenizer: save_pretrained / AutoTokenizer.from_pretrained round-trip it
+    return PreTrainedTokenizerFast(tokenizer_object=backend, padding_side=padding_side, **specials)
+
+
+def build_tiny_gpt2(tokenizer, n_layer: int = 3, n_embd: int = 128, n_head: int = 4, n_positions: int = 64):
+    """A small randomly initialised GPT-2 (about 0.6M parameters at the defaults) with dropout off."""
+    sizes = dict(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    no_dropout = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(GPT2Config(**sizes, bos_token_id=eos, eos_token_id=eos, pad_token_id=pad, **no_dropout))
+
+
+def validate(args: Args) -> None:  # every flag, before anything is loaded: one line naming it (None is the default)
+    minimums = dict(total_steps=1, batch_size=1, micro_batch_size=1, eval_every=1, eval_size=0, warmup_steps=0)
+    minimums |= dict(max_length=1, max_new_tokens=1, num_demonstrations=1, lora_r=0, save_every=0, keep_checkpoints=1)
+    for name, minimum in minimums.items():
+        if getattr(args, name) is not None and getattr(args, name) < minimum:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {minimum}, got {getattr(args, name)}")
+
+
+def load_policy(args: Args, dtype, autocast_dtype, device):
+    """(model in train mode, tokenizer), LoRA and gradient checkpointing when asked, the same weights everywhere."""
+    if args.model == TINY_MODEL:
+        tokenizer = build_tiny_tokenizer()
+        model = build_tiny_gpt2(tokenizer, args.tiny_n_layer, args.tiny_n_embd, args.tiny_n_head).to(dtype)
     else:
         tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
-        model = common.load_model(args.model, AutoModelForCausalLM, args.trust_remote_code, dtype, autocast_dtype)
-    # sequences longer than the position table are cut (and counted), not an index error in the embedding
-    args.max_length = min(args.max_length, getattr(model.config, "max_position_embeddings", args.max_length))
-    model.to(device)
-    if args.lora_r:
-        model = common.apply_lora(model, args.lora_r, args.lora_alpha, args.lora_target_modules)
+        model = common.load_model(args.model, AutoModelForCausalLM, args.trust_remote_code, dtype)
+    model = common.enable_autocast(model.to(device), autocast_dtype)
+    model = common.apply_lora(model, args.lora_r, args.lora_alpha, args.lora_target_modules) if args.lora_r else model
     if args.gradient_checkpointing:
         common.enable_gradient_checkpointing(model)
     common.broadcast_parameters(model)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(
-        f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters ({trainable:,} trained) on {device} in {dtype}, autocast {autocast_dtype}"
-    )
+    print(f"{args.model}: {model.num_parameters(only_trainable=True):,} trained parameters on {device} in {dtype}")
+    return model.train(), tokenizer
 
-    train_rows, eval_rows = load_rows(args)
-    tokenized = [tokenize_example(tokenizer, row, args.max_length, args.chat_template) for row in train_rows]
-    eval_tokenized = [tokenize_example(tokenizer, row, args.max_length, args.chat_template) for row in eval_rows]
-    num_truncated = sum(truncated for _, _, truncated in tokenized)
-    if num_truncated:
-        print(f"{num_truncated} of {len(tokenized)} training examples were longer than --max-length {args.max_length} and cut")
-    writer.add_scalar("charts/truncated_examples", num_truncated, 0)
-    max_new_tokens = args.max_new_tokens or (args.digits + 2 if args.dataset == "arithmetic" else 64)
 
-    # fused=True: one kernel updates every parameter tensor (the same AdamW step without a Python loop over tensors; HF Trainer's default)
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.weight_decay, fused=True
-    )
-    scheduler = common.linear_schedule(optimizer, args.warmup_steps, args.total_steps)  # warm-up, then linear decay to 0
+def load_demonstrations(args: Args) -> tuple[list[dict], list[dict]]:
+    """(training rows, held-out rows): every training row, or the first --num-demonstrations (distinct problems)."""
+    columns = {"prompt": args.prompt_field, "completion": args.completion_field}
+    options = dict(digits=args.digits, seed=args.seed, held_out=args.eval_size, hf_split=args.hf_split, columns=columns)
+    stream = args.total_steps * args.batch_size if args.num_demonstrations is None else 0  # a new problem per example
+    train_rows, held_out_rows = tasks.load_rows(args.dataset, "sft", num_rows=stream, **options)
+    if args.num_demonstrations is not None and args.dataset == tasks.ARITHMETIC:
+        train_rows = tasks.arithmetic_demonstrations(args.num_demonstrations, args.digits, seed=args.seed)
+    elif len(train_rows) < (args.num_demonstrations or 0):
+        raise ValueError(f"--num-demonstrations {args.num_demonstrations}: {args.dataset} has {len(train_rows)} rows")
+    return train_rows[: args.num_demonstrations], held_out_rows
+
+
+def tokenize_rows(tokenizer, rows: list[dict], max_length: int, chat_template: bool, what: str):
+    """(examples, number cut): each row's (input_ids, labels) cut at max_length, those left with no target dropped."""
+    tokenized = [tokenize_example(tokenizer, row, max_length, chat_template) for row in rows]
+    examples = [(ids, labels) for ids, labels, _ in tokenized if any(label != -100 for label in labels[1:])]
+    num_cut, limit = sum(cut for *_, cut in tokenized), f"{max_length} tokens (--max-length or the model's positions)"
+    if num_cut:  # cut before its first completion token, a row would train on nothing: it is dropped
+        print(f"{what}: {num_cut} of {len(rows)} examples cut at {limit}, {len(rows) - len(examples)} dropped")
+    if rows and not examples:
+        raise ValueError(f"{what}: no example keeps a completion token within {limit}")
+    return examples, num_cut
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_token_id: int, device) -> dict:
+    """Right-pad a batch: input_ids, attention_mask, labels (-100 on prompt and padding)."""
+
+    def pad(rows: list[list[int]], value: int) -> torch.Tensor:
+        return torch.nn.utils.rnn.pad_sequence([torch.tensor(r) for r in rows], True, value).to(device)
+
+    ids, labels = zip(*examples)
+    mask = [[1] * len(row) for row in ids]
+    return {"input_ids": pad(ids, pad_token_id), "attention_mask": pad(mask, 0), "labels": pad(labels, -100)}
+
+
+def micro_batches(examples: list, size: int, pad_token_id: int, device) -> tuple[list[dict], torch.Tensor]:
+    """(the examples collated `size` at a time, |C|: the completion tokens they predict)."""
+    batches = [collate(examples[i : i + size], pad_token_id, device) for i in range(0, len(examples), size)]
+    return batches, sum((batch["labels"][:, 1:] != -100).sum() for batch in batches)
+
+
+# the console line of an evaluation: these metrics, in this order
+PROGRESS = {"losses/sft_loss": "loss {:.4f}", "charts/eval_loss": "eval_loss {:.4f}", "charts/SPS": "SPS {:.1f}"}
+PROGRESS["charts/eval_accuracy"] = "eval_accuracy {:.3f}"
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, eval_batches, eval_tokens, problems, max_new_tokens: int, args: Args, metrics: dict):
+    """Add L over every held-out completion token and the greedy accuracy to `metrics`; return the console line."""
+    model.eval()
+    if eval_batches:
+        metrics["charts/eval_loss"] = sum(sft_loss(model, batch, eval_tokens).item() for batch in eval_batches)
+    samples = ""
+    if problems:
+        reward_fn = tasks.eval_reward(args.dataset)
+        metrics["charts/eval_accuracy"], completions = common.evaluate_accuracy(
+            model, tokenizer, problems, max_new_tokens, chat_template=args.chat_template, reward_fn=reward_fn
+        )
+        samples = "  samples: " + "  ".join(f"{row['prompt']}{text!r}" for row, text in zip(problems[:3], completions))
+    model.train()
+    return "  ".join(text.format(metrics[tag]) for tag, text in PROGRESS.items() if tag in metrics) + samples
+
+
+# ----------------------------------------------------------------------------- main
+def main(args: Args) -> None:
+    validate(args)
+    common.check_output_dir(args.output_dir, args.overwrite_output_dir)
+    rank, world_size, device = common.setup_distributed(args.device)  # (0, 1, device) without torchrun
+    if args.batch_size % world_size:
+        raise ValueError(f"--batch-size {args.batch_size} must divide by the number of processes ({world_size})")
+    common.seed_everything(args.seed)
+    dtype, autocast_dtype = common.choose_precision(args.dtype, device)
+    model, tokenizer = load_policy(args, dtype, autocast_dtype, device)
+    positions, pad_token_id = common.max_positions(model), tokenizer.pad_token_id
+
+    # the demonstrations; held-out examples (loss) and problems (greedy accuracy)
+    train_rows, held_out_rows = load_demonstrations(args)
+    max_length = min(args.max_length, positions)  # a longer sequence would be an index error in the embedding
+    examples, num_cut = tokenize_rows(tokenizer, train_rows, max_length, args.chat_template, "training")
+    print(f"training on {len(examples)} examples, {len({tuple(ids) for ids, _ in examples})} distinct demonstrations")
+    eval_examples, _ = tokenize_rows(tokenizer, held_out_rows, max_length, args.chat_template, "held-out")
+    micro_batch_size = min(args.batch_size // world_size, args.micro_batch_size or args.batch_size)  # validated >= 1
+    eval_batches, eval_tokens = micro_batches(eval_examples, micro_batch_size, pad_token_id, device)
+    default_new_tokens = args.digits + 2 if args.dataset == tasks.ARITHMETIC else 64
+    max_new_tokens = min(default_new_tokens, positions // 2) if args.max_new_tokens is None else args.max_new_tokens
+    problems = tasks.eval_problems(args.dataset, args.eval_dataset, args.digits, args.eval_size)
+    problems = common.fit_prompts(tokenizer, problems, args.chat_template, positions - max_new_tokens, "eval problems")
+
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)
+    scheduler = common.linear_schedule(optimizer, args.warmup_steps, args.total_steps)
     generator = torch.Generator().manual_seed(args.seed)  # the same on every process: they agree on each batch
-    order = torch.randperm(len(tokenized), generator=generator).tolist()
+    order = torch.randperm(len(examples), generator=generator).tolist()
+    start_step, checkpoint = 0, common.find_checkpoint(args.resume, args.output_dir)
+    if checkpoint is not None:
+        start_step, data = common.load_checkpoint(checkpoint, {"policy": model}, optimizer, scheduler, args)
+        order = data["order"]
+        generator.set_state(data["generator"])
+    writer = common.setup_logging(args, common.run_name_for(args))
+    writer.add_scalar("charts/truncated_examples", num_cut, 0)
 
     start_time = time.time()
-    model.train()
-    for step in range(1, args.total_steps + 1):
-        # sample a batch; reshuffle after each pass over the data. Each process takes its share of it.
-        while len(order) < args.batch_size:
-            order += torch.randperm(len(tokenized), generator=generator).tolist()
-        batch_indices, order = common.shard(order[: args.batch_size], rank, world_size), order[args.batch_size :]
-        # |C| of the whole batch, every process's share: the completion tokens that are predicted (labels after the shift)
-        num_tokens = sum(sum(label != -100 for label in tokenized[i][1][1:]) for i in batch_indices)
-        num_tokens = common.all_reduce_sum(torch.tensor(num_tokens, device=device))
-
-        # gradient accumulation: each micro-batch's loss is normalised by the whole batch's |C|, so they add up to L
-        optimizer.zero_grad(set_to_none=True)
-        loss = torch.zeros((), device=device)
-        for start in range(0, local_batch_size, micro_batch_size):
-            micro_batch = collate(
-                [tokenized[i][:2] for i in batch_indices[start : start + micro_batch_size]], tokenizer.pad_token_id, device
-            )
-            micro_loss = sft_loss(model, micro_batch, num_tokens)
-            micro_loss.backward()
-            loss += micro_loss.detach()
-        loss = common.all_reduce_sum(loss)
-        common.all_reduce_gradients(model)  # sum over processes: the gradient of the whole batch's loss
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        learning_rate = scheduler.get_last_lr()[0]  # the rate of this step; scheduler.step() moves to the next step's
-        optimizer.step()
-        scheduler.step()
-
-        writer.add_scalar("losses/sft_loss", loss.item(), step)
-        writer.add_scalar("losses/grad_norm", grad_norm.item(), step)
-        writer.add_scalar("charts/learning_rate", learning_rate, step)
-        writer.add_scalar("charts/SPS", step / (time.time() - start_time), step)
-
-        if eval_tokenized and (step % args.eval_every == 0 or step == args.total_steps):  # a file of < 10 rows holds none out
-            model.eval()
-            with torch.no_grad():  # the mean over every held-out completion token: each batch's loss is normalised by their count
-                eval_tokens = torch.tensor(sum(label != -100 for _, labels, _ in eval_tokenized for label in labels[1:]), device=device)
-                eval_loss = sum(
-                    sft_loss(
-                        model,
-                        collate([e[:2] for e in eval_tokenized[i : i + micro_batch_size]], tokenizer.pad_token_id, device),
-                        eval_tokens,
-                    ).item()
-                    for i in range(0, len(eval_tokenized), micro_batch_size)
+    with common.stop_on_signal() as stop:
+        for step in range(start_step + 1, args.total_steps + 1):
+            # a batch of demonstrations, reshuffled after each pass over them; each process takes its share
+            while len(order) < args.batch_size:
+                order += torch.randperm(len(examples), generator=generator).tolist()
+            indices, order = common.shard(order[: args.batch_size], rank, world_size), order[args.batch_size :]
+            batch, num_tokens = micro_batches([examples[i] for i in indices], micro_batch_size, pad_token_id, device)
+            metrics = sft_step(model, optimizer, scheduler, batch, num_tokens, args.max_grad_norm)
+            metrics["charts/SPS"] = (step - start_step) / (time.time() - start_time)
+            if (eval_batches or problems) and (step % args.eval_every == 0 or step == args.total_steps):
+                line = evaluate(model, tokenizer, eval_batches, eval_tokens, problems, max_new_tokens, args, metrics)
+                print(f"step {step:5d}  {line}", flush=True)
+            for tag, value in metrics.items():
+                writer.add_scalar(tag, value, step)
+            if common.checkpoint_due(stop, step, args.save_every):
+                data = {"order": order, "generator": generator.get_state()}
+                common.save_checkpoint(
+                    args.output_dir, step, {"policy": model}, optimizer, scheduler, data, args, args.keep_checkpoints
                 )
-            writer.add_scalar("charts/eval_loss", eval_loss, step)
-            line = f"step {step:5d}  loss {loss.item():.4f}  eval_loss {eval_loss:.4f}  SPS {step / (time.time() - start_time):.1f}"
-            if args.dataset == "arithmetic":
-                accuracy, completions = common.evaluate_accuracy(
-                    model, tokenizer, eval_rows, max_new_tokens, chat_template=args.chat_template
-                )
-                writer.add_scalar("charts/eval_accuracy", accuracy, step)
-                samples = "  ".join(f"{row['prompt']}{text!r}" for row, text in zip(eval_rows[:3], completions))
-                line += f"  eval_accuracy {accuracy:.3f}  samples: {samples}"
-            print(line, flush=True)
-            model.train()
+                if stop.name:
+                    raise SystemExit(f"stopped by {stop.name} after step {step}; continue with --resume auto")
 
-    common.save_checkpoint(model, tokenizer, args.output_dir)
+    common.save_model(model, tokenizer, args.output_dir, args)
     print(f"saved {args.output_dir} after {time.time() - start_time:.0f}s")
     writer.close()
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
-    common.finish_distributed()  # under torchrun: every process leaves the group together
+    common.run(main, Args)

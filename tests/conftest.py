@@ -14,6 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import common  # noqa: E402
+import sft  # noqa: E402
 
 # CI (CI=true) replays the same examples every run, so a property test cannot pass one day and fail the next.
 settings.register_profile("ci", derandomize=True, print_blob=True)
@@ -25,10 +26,10 @@ if os.environ.get("CI"):
 def tiny_checkpoint(tmp_path_factory) -> str:
     """A randomly initialised tiny char-level GPT-2 saved with save_pretrained, loaded like any HF checkpoint."""
     torch.manual_seed(0)
-    tokenizer = common.build_tiny_tokenizer()
-    model = common.build_tiny_gpt2(tokenizer, n_layer=2, n_embd=32, n_head=2, n_positions=64)
+    tokenizer = sft.build_tiny_tokenizer()
+    model = sft.build_tiny_gpt2(tokenizer, n_layer=2, n_embd=32, n_head=2, n_positions=64)
     path = tmp_path_factory.mktemp("tiny") / "checkpoint"
-    common.save_checkpoint(model, tokenizer, str(path))
+    common.save_model(model, tokenizer, str(path))
     return str(path)
 
 
@@ -39,7 +40,7 @@ def tiny_model():
 
     def build(architecture: str, tokenizer):
         if architecture == "gpt2":
-            return common.build_tiny_gpt2(tokenizer, n_layer=2, n_embd=32, n_head=2)
+            return sft.build_tiny_gpt2(tokenizer, n_layer=2, n_embd=32, n_head=2)
         config = LlamaConfig(
             vocab_size=len(tokenizer),
             hidden_size=32,

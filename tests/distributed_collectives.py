@@ -8,6 +8,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
+import ppo  # noqa: E402
+import sft  # noqa: E402
 
 PROBLEMS = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(5)]
 
@@ -26,12 +28,12 @@ def main() -> None:
     std = (((values - mean) ** 2 * mask).sum() / (count - 1) + 1e-8).sqrt()
     for shift_mean in (True, False):
         expected = ((values - mean) / std + (0.0 if shift_mean else mean)) * mask
-        torch.testing.assert_close(common.masked_whiten(values[mine], mask[mine], shift_mean=shift_mean), expected[mine])
+        torch.testing.assert_close(ppo.masked_whiten(values[mine], mask[mine], shift_mean=shift_mean), expected[mine])
 
     # sharded greedy evaluation: 5 problems, 3 on rank 0 and 2 on rank 1; every rank gets all completions, in order
-    tokenizer = common.build_tiny_tokenizer()
+    tokenizer = sft.build_tiny_tokenizer()
     torch.manual_seed(0)
-    model = common.build_tiny_gpt2(tokenizer, n_layer=1, n_embd=16, n_head=2)
+    model = sft.build_tiny_gpt2(tokenizer, n_layer=1, n_embd=16, n_head=2)
     _, completions = common.evaluate_accuracy(model, tokenizer, PROBLEMS, max_new_tokens=3)
     gathered = [None] * world_size
     torch.distributed.all_gather_object(gathered, completions)

@@ -21,7 +21,7 @@ BATCH_SIZE, GROUP_SIZE, PROMPT_LENGTH, COMPLETION_LENGTH = 16, 4, 3, 4
 
 
 def fixed_rollout(generator: torch.Generator, vocab_size: int) -> tuple[dict, torch.Tensor]:
-    """A made-up rollout: random tokens, some left padding, completions of 1-4 tokens, 0/1 rewards (one constant group)."""
+    """A made-up rollout: random tokens, some left padding, completions of 1-4 tokens, 0/1 rewards (one group all 1)."""
     length = PROMPT_LENGTH + COMPLETION_LENGTH
     input_ids = torch.randint(3, vocab_size, (BATCH_SIZE, length), generator=generator)
     prompt_mask = torch.ones(BATCH_SIZE, PROMPT_LENGTH, dtype=torch.long)
@@ -60,7 +60,9 @@ def main() -> None:
             rollout, rewards = fixed_rollout(generator, model.config.vocab_size)
             rollout["advantages"] = grpo.group_advantages(rewards, GROUP_SIZE, args.scale_rewards)
             mine = {key: common.shard(value, rank, world_size) for key, value in rollout.items()}
-            metrics = grpo.policy_update(model, optimizer, scheduler, reference, {**mine, "prompt_length": PROMPT_LENGTH}, args)
+            metrics = grpo.policy_update(
+                model, optimizer, scheduler, reference, {**mine, "prompt_length": PROMPT_LENGTH}, args
+            )
         results[name] = {"state": model.state_dict(), "metrics": metrics}
     if rank == 0:
         torch.save(results, output)

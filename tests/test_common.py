@@ -1,16 +1,18 @@
 import copy
-import json
 import random
+import types
 from unittest import mock
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import example, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 import common
+import sft
+import tasks
 
 
 # ----------------------------------------------------------------------------- setup
@@ -35,13 +37,15 @@ def test_choose_device_and_dtype():
 
 def test_mixed_precision_runs_the_body_in_bf16_and_keeps_weights_heads_and_gradients_fp32(tmp_path):
     torch.manual_seed(0)
-    tokenizer = common.build_tiny_tokenizer()
-    common.save_checkpoint(common.build_tiny_gpt2(tokenizer, n_layer=2, n_embd=32, n_head=2), tokenizer, str(tmp_path / "tiny"))
+    tokenizer = sft.build_tiny_tokenizer()
+    common.save_model(sft.build_tiny_gpt2(tokenizer, n_layer=2, n_embd=32, n_head=2), tokenizer, str(tmp_path / "tiny"))
     plain = common.load_model(str(tmp_path / "tiny"))
     mixed = common.load_model(str(tmp_path / "tiny"), autocast_dtype=torch.bfloat16)
     ids = torch.tensor([tokenizer("12+34=46")["input_ids"]] * 2)
     matmul_dtypes = []
-    mixed.base_model.h[0].mlp.c_fc.register_forward_hook(lambda module, inputs, output: matmul_dtypes.append(output.dtype))
+    mixed.base_model.h[0].mlp.c_fc.register_forward_hook(
+        lambda module, inputs, output: matmul_dtypes.append(output.dtype)
+    )
     logits = mixed(ids).logits
     assert matmul_dtypes == [torch.bfloat16] and logits.dtype == torch.float32
     assert all(parameter.dtype == torch.float32 for parameter in mixed.parameters())
@@ -79,11 +83,12 @@ def test_load_tokenizer_sets_pad_and_side(tiny_checkpoint):
 
 
 @pytest.mark.parametrize(
-    "architecture, dropout", [("gpt2", dict(resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5)), ("llama", dict(attention_dropout=0.5))]
+    "architecture, dropout",
+    [("gpt2", dict(resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5)), ("llama", dict(attention_dropout=0.5))],
 )
 def test_load_model_disables_dropout(architecture, dropout, tiny_model, tmp_path):
     """GPT-2 drops out through nn.Dropout modules; Llama passes a float rate to its attention: both must be off."""
-    tokenizer = common.build_tiny_tokenizer()
+    tokenizer = sft.build_tiny_tokenizer()
     tiny_model(architecture, tokenizer).save_pretrained(tmp_path)
     model = common.load_model(str(tmp_path), **dropout)
     assert all(getattr(model.config, name) == 0.5 for name in dropout)  # the checkpoint asks for dropout ...
@@ -111,28 +116,6 @@ def test_load_model_drops_the_checkpoints_sampling_defaults(tiny_checkpoint, tmp
     assert torch.equal(samples[0], samples[1])
 
 
-# ----------------------------------------------------------------------------- tiny model
-def test_tiny_tokenizer_round_trip(tmp_path):
-    tokenizer = common.build_tiny_tokenizer()
-    text = "37+45=82\nWhat is 2 * (3 - 1)? {ok}"
-    ids = tokenizer(text)["input_ids"]
-    assert len(ids) == len(text)  # one token per character, nothing added
-    tokenizer.save_pretrained(tmp_path)
-    reloaded = AutoTokenizer.from_pretrained(tmp_path)
-    assert reloaded(text)["input_ids"] == ids
-    assert reloaded.decode(ids) == text  # no spaces inserted between characters
-    assert reloaded.decode(ids + [reloaded.eos_token_id], skip_special_tokens=True) == text
-    assert (reloaded.pad_token, reloaded.eos_token) == ("<pad>", "<eos>")
-
-
-def test_tiny_checkpoint_loads_and_generates(tiny_checkpoint):
-    tokenizer = common.load_tokenizer(tiny_checkpoint)
-    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
-    inputs = tokenizer(["1+2=", "10+20="], return_tensors="pt", padding=True)
-    output = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    assert output.shape == (2, inputs["input_ids"].size(1) + 4)
-
-
 # ----------------------------------------------------------------------------- tensors
 @settings(max_examples=30, deadline=None)
 @given(
@@ -149,7 +132,9 @@ def test_token_logprobs_and_entropy_match_log_softmax(batch, length, vocab, temp
     tokens = torch.randint(0, vocab, (batch, length), generator=generator)
     logp = F.log_softmax(logits / temperature, dim=-1)
     with mock.patch.object(common, "LOGITS_CHUNK_ELEMENTS", chunk_elements):  # one row, a few rows, or all at once
-        torch.testing.assert_close(common.token_logprobs(logits, tokens, temperature), logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1))
+        torch.testing.assert_close(
+            common.token_logprobs(logits, tokens, temperature), logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        )
         torch.testing.assert_close(common.entropy_from_logits(logits, temperature), -(logp.exp() * logp).sum(-1))
 
 
@@ -180,7 +165,9 @@ def test_completion_mask(eos, pad):
 
 
 @settings(max_examples=50, deadline=None)
-@given(rows=st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=8), min_size=1, max_size=4), eos=st.integers(0, 3))
+@given(
+    rows=st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=8), min_size=1, max_size=4), eos=st.integers(0, 3)
+)
 def test_completion_mask_property(rows, eos):
     length = max(len(row) for row in rows)
     ids = torch.tensor([row + [eos] * (length - len(row)) for row in rows])  # padded with EOS, the worst case
@@ -199,7 +186,7 @@ def test_position_ids_from_mask():
 @pytest.mark.parametrize("architecture", ["gpt2", "llama"])
 def test_left_padding_matches_unpadded_rows(architecture, tiny_model):
     torch.manual_seed(0)
-    tokenizer = common.build_tiny_tokenizer()
+    tokenizer = sft.build_tiny_tokenizer()
     model = tiny_model(architecture, tokenizer)
     model.eval()
     prompts = ["1+2=", "10+20=", "123+456="]
@@ -221,23 +208,6 @@ def test_masked_mean_ignores_masked_entries():
     assert common.masked_mean(values, torch.zeros_like(mask)).item() == 0.0
 
 
-@settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 10_000), rows=st.integers(1, 4), length=st.integers(2, 8), scale=st.floats(0.1, 100.0))
-@example(seed=10000, rows=1, length=2, scale=0.25)  # a variance of 1e-4, where eps = 1e-8 shows
-def test_masked_whiten(seed, rows, length, scale):
-    generator = torch.Generator().manual_seed(seed)
-    values = torch.randn(rows, length, generator=generator, dtype=torch.float64) * scale + 3.0
-    mask = (torch.rand(rows, length, generator=generator) < 0.7).double()
-    mask[0, :2] = 1.0  # at least two entries, so the variance is defined
-    whitened = common.masked_whiten(values, mask)
-    assert common.masked_mean(whitened, mask).item() == pytest.approx(0.0, abs=1e-6)
-    variance = common.masked_var(values, mask).item()  # whitening divides by sqrt(var + eps): variance var / (var + eps)
-    assert common.masked_var(whitened, mask).item() == pytest.approx(variance / (variance + 1e-8), rel=1e-9)
-    assert torch.all(whitened[mask == 0] == 0)
-    unshifted = common.masked_whiten(values, mask, shift_mean=False)
-    assert common.masked_mean(unshifted, mask).item() == pytest.approx(common.masked_mean(values, mask).item(), rel=1e-6)
-
-
 @pytest.mark.parametrize("warmup_steps, factors", [(2, [0.5, 1.0, 1.0, 0.5]), (0, [1.0, 0.75, 0.5, 0.25])])
 def test_linear_schedule_warms_up_to_the_peak_then_decays_to_zero(warmup_steps, factors):
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2.0)
@@ -250,95 +220,12 @@ def test_linear_schedule_warms_up_to_the_peak_then_decays_to_zero(warmup_steps, 
     assert rates == pytest.approx([2.0 * factor for factor in factors] + [0.0])
 
 
-# ----------------------------------------------------------------------------- data
-def test_read_jsonl(tmp_path):
-    path = tmp_path / "data.jsonl"
-    path.write_text('{"prompt": "a", "answer": 3}\n\n{"prompt": "b", "answer": "4", "extra": 1}\n')
-    assert common.read_jsonl(str(path), ("prompt", "answer")) == [
-        {"prompt": "a", "answer": "3"},
-        {"prompt": "b", "answer": "4", "extra": 1},
-    ]
-
-
-@pytest.mark.parametrize(
-    "bad_line, message",
-    [
-        ('{"prompt": "b"}', "missing field 'answer'"),
-        ('{"prompt": "b", "answer": null}', "field 'answer' must be a string"),
-        ('{"prompt": "b", "answer": ', "not valid JSON"),
-        ('["b", "4"]', "expected a JSON object"),
-        ('{"prompt": "b", "answer": NaN}', "field 'answer' must be a string or a finite number, got nan"),
-    ],
-)
-def test_read_jsonl_bad_line_names_file_line_and_field(tmp_path, bad_line, message):
-    path = tmp_path / "data.jsonl"
-    path.write_text(json.dumps({"prompt": "a", "answer": "1"}) + "\n" + bad_line + "\n")
-    with pytest.raises(ValueError, match=f"data.jsonl:2: {message}"):
-        common.read_jsonl(str(path), ("prompt", "answer"))
-
-
-def test_read_jsonl_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
-        common.read_jsonl(str(tmp_path / "nope.jsonl"), ("prompt",))
-
-
-# ----------------------------------------------------------------------------- arithmetic task
-def test_arithmetic_problems_split_is_disjoint_and_fixed():
-    train = common.arithmetic_problems(2000, digits=2, split="train", seed=0)
-    test = common.arithmetic_eval_set(300, digits=2)
-    assert not {p["prompt"] for p in train} & {p["prompt"] for p in test}
-    assert test == common.arithmetic_eval_set(300, digits=2)
-    for problem in train[:50] + test[:50]:
-        a, b = (int(x) for x in problem["prompt"].removesuffix("=").split("+"))
-        assert 0 <= a < 100 and 0 <= b < 100 and problem["answer"] == str(a + b)
-
-
-@settings(max_examples=200, deadline=None)
-@given(a=st.integers(0, 10**6), b=st.integers(0, 10**6), noise=st.text(max_size=30))
-def test_exact_match_reward(a, b, noise):
-    answer = str(a + b)
-    assert common.exact_match(answer, answer) == 1.0
-    assert common.exact_match(f" {answer}\n", answer) == 1.0
-    assert common.exact_match(str(a + b + 1), answer) == 0.0
-    assert common.exact_match(answer + "0", answer) == 0.0
-    assert common.exact_match(noise, answer) in (0.0, 1.0)  # any text: a score, never an exception
-    if noise.strip() != answer:
-        assert common.exact_match(noise, answer) == 0.0
-
-
-@pytest.mark.parametrize("completion", ["", " ", "abc", "__import__('os')", "8" * 10_000, "82 82", "8 2", "+82", "82.0"])
-def test_exact_match_rejects_garbage(completion):
-    assert common.exact_match(completion, "82") == 0.0
-
-
-def test_arithmetic_reward_takes_dataset_fields():
-    rewards = common.arithmetic_reward(["1+1=", "2+2="], ["2", "5"], answer=["2", "4"], other_field=[0, 0])
-    assert rewards == [1.0, 0.0]
-
-
-@settings(max_examples=200, deadline=None)
-@given(a=st.integers(0, 999), b=st.integers(0, 999), seed=st.integers(0, 100))
-def test_near_miss_is_plausible_and_wrong(a, b, seed):
-    wrong = int(common.near_miss(a, b, random.Random(seed)))
-    assert wrong != a + b and wrong >= 0
-    assert abs(len(str(wrong)) - len(str(a + b))) <= 1
-
-
-def test_preference_pairs():
-    pairs = common.arithmetic_preference_pairs(100, digits=2, seed=0)
-    assert len(pairs) == 100
-    for pair in pairs:
-        assert pair["chosen"] != pair["rejected"] and int(pair["rejected"]) >= 0
-        a, b = (int(x) for x in pair["prompt"][:-1].split("+"))
-        assert pair["chosen"] == str(a + b)
-
-
 # ----------------------------------------------------------------------------- saving
-def test_save_checkpoint_is_atomic(tiny_checkpoint, tmp_path, monkeypatch):
+def test_save_model_is_atomic(tiny_checkpoint, tmp_path, monkeypatch):
     tokenizer = common.load_tokenizer(tiny_checkpoint)
     model = common.load_model(tiny_checkpoint)
     target = tmp_path / "out"
-    common.save_checkpoint(model, tokenizer, str(target))
+    common.save_model(model, tokenizer, str(target))
     before = sorted(p.name for p in target.iterdir())
     assert "config.json" in before and "tokenizer.json" in before
 
@@ -347,19 +234,203 @@ def test_save_checkpoint_is_atomic(tiny_checkpoint, tmp_path, monkeypatch):
 
     monkeypatch.setattr(tokenizer, "save_pretrained", broken_save)
     with pytest.raises(RuntimeError, match="disk full"):
-        common.save_checkpoint(model, tokenizer, str(target))
+        common.save_model(model, tokenizer, str(target))
     assert sorted(p.name for p in target.iterdir()) == before  # the old checkpoint is untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # and no half-written folder is left
     assert AutoModelForCausalLM.from_pretrained(target) is not None
 
 
+def test_save_model_replaces_only_our_own_files(tiny_checkpoint, tmp_path):
+    tokenizer, model = common.load_tokenizer(tiny_checkpoint), common.load_model(tiny_checkpoint)
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")  # a user's file in a folder written into with --overwrite-output-dir
+    (target / "adapter").mkdir()  # and a folder of the user's that has the name of one of ours, but is not in our list
+    common.save_model(model, tokenizer, str(target))
+    (target / "model.safetensors").write_bytes(b"stale")  # replaced by the next save
+    common.save_model(model, tokenizer, str(target))
+    assert (target / "notes.txt").read_text() == "mine" and (target / "adapter").is_dir()
+    assert AutoModelForCausalLM.from_pretrained(target) is not None
+    assert not [p.name for p in target.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_check_output_dir_refuses_a_file_a_foreign_folder_and_an_unwritable_path_and_keeps_everything(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("{}")
+    with pytest.raises(ValueError, match="holds files not written here .'train.jsonl'.*--overwrite-output-dir"):
+        common.check_output_dir(str(data))
+    common.check_output_dir(str(data), overwrite=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        common.check_output_dir(str(tmp_path / "file"))
+    with pytest.raises(ValueError, match="cannot be written"):
+        common.check_output_dir("/proc/no/such/folder")
+    assert (data / "train.jsonl").read_text() == "{}" and (tmp_path / "file").read_text() == "x"
+    assert sorted(p.name for p in data.iterdir()) == ["train.jsonl"]
+    common.check_output_dir(str(tmp_path / "new" / "run"))  # checked, and no empty folder is left behind
+    assert not (tmp_path / "new").exists()
+
+
+def test_check_output_dir_accepts_our_folders_and_removes_our_stale_temporaries(tiny_checkpoint, tmp_path):
+    tokenizer, model = common.load_tokenizer(tiny_checkpoint), common.load_model(tiny_checkpoint)
+    common.save_model(model, tokenizer, str(tmp_path / "final"))
+    (tmp_path / "final" / ".tmp-model-999").mkdir()  # what a kill during a save leaves
+    common.check_output_dir(str(tmp_path / "final"))
+    assert not (tmp_path / "final" / ".tmp-model-999").exists() and (tmp_path / "final" / "config.json").is_file()
+
+
+def tiny_training_state(seed: int):
+    torch.manual_seed(seed)
+    model = sft.build_tiny_gpt2(sft.build_tiny_tokenizer(), n_layer=1, n_embd=16, n_head=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    return model, optimizer, common.linear_schedule(optimizer, 1, 10)
+
+
+def test_a_checkpoint_restores_weights_optimizer_scheduler_rng_and_data_and_refuses_other_flags(tmp_path):
+    args = types.SimpleNamespace(learning_rate=1e-2, resume="auto", save_every=1)
+    model, optimizer, scheduler = tiny_training_state(0)
+    ids = torch.randint(3, 90, (2, 6))
+    for _ in range(2):
+        model(ids, labels=ids).loss.backward()
+        optimizer.step(), scheduler.step(), optimizer.zero_grad()
+    generator = torch.Generator().manual_seed(5)
+    common.save_checkpoint(
+        str(tmp_path),
+        2,
+        {"policy": model},
+        optimizer,
+        scheduler,
+        {"generator": generator.get_state(), "order": [3, 1]},
+        args,
+    )
+    random.random(), torch.rand(1)  # the draws a fresh start would not see again
+    expected = (random.random(), torch.rand(3), generator.get_state())
+    restored, restored_optimizer, restored_scheduler = tiny_training_state(1)
+    step, data = common.load_checkpoint(
+        common.find_checkpoint("auto", str(tmp_path)),
+        {"policy": restored},
+        restored_optimizer,
+        restored_scheduler,
+        args,
+    )
+    assert step == 2 and data["order"] == [3, 1] and torch.equal(data["generator"], expected[2])
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), restored.parameters()))
+    assert restored_scheduler.get_last_lr() == scheduler.get_last_lr()
+    for run_model, run_optimizer in (
+        (model, optimizer),
+        (restored, restored_optimizer),
+    ):  # the next step is the same step
+        run_model(ids, labels=ids).loss.backward()
+        run_optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), restored.parameters()))
+    common.save_checkpoint(str(tmp_path), 2, {"policy": model}, optimizer, scheduler, {}, args)
+    random.random(), torch.rand(1)
+    first = (random.random(), torch.rand(3))
+    common.load_checkpoint(
+        tmp_path / "checkpoint-2", {"policy": restored}, restored_optimizer, restored_scheduler, args
+    )
+    random.random(), torch.rand(1)
+    assert (random.random(), torch.rand(3))[0] == first[0]
+    args.learning_rate = 1e-3
+    with pytest.raises(ValueError, match="was made with --learning-rate 0.01, not 0.001"):
+        common.load_checkpoint(
+            tmp_path / "checkpoint-2", {"policy": restored}, restored_optimizer, restored_scheduler, args
+        )
+
+
+def test_only_the_newest_checkpoints_are_kept_and_resume_finds_the_newest(tmp_path):
+    args = types.SimpleNamespace(seed=1)
+    model, optimizer, scheduler = tiny_training_state(0)
+    assert common.find_checkpoint(None, str(tmp_path)) is None and common.find_checkpoint("auto", str(tmp_path)) is None
+    for step in (5, 10, 15):
+        common.save_checkpoint(str(tmp_path), step, {"policy": model}, optimizer, scheduler, {}, args, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-15"]
+    assert common.find_checkpoint("auto", str(tmp_path)) == tmp_path / "checkpoint-15"
+    with pytest.raises(FileNotFoundError, match="is not a checkpoint folder"):
+        common.find_checkpoint(str(tmp_path), str(tmp_path))
+
+
+def test_a_signal_inside_stop_on_signal_only_asks_to_stop_and_the_handlers_come_back():
+    import os
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    with common.stop_on_signal() as stop:
+        assert not common.checkpoint_due(stop, 3, save_every=2) and common.checkpoint_due(stop, 4, save_every=2)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.name == "SIGTERM" and common.checkpoint_due(stop, 3, save_every=0)
+        with pytest.raises(KeyboardInterrupt):  # a second signal stops at once
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_run_prints_our_errors_as_one_line_and_keeps_other_tracebacks(capsys):
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Args:
+        dataset: str = "nowhere.jsonl"
+
+    with mock.patch("sys.argv", ["script.py"]), pytest.raises(SystemExit) as stop:
+        common.run(lambda args: tasks.read_jsonl(args.dataset, ("prompt",)), Args)
+    assert stop.value.code == "error: dataset file 'nowhere.jsonl' does not exist"
+    with mock.patch("sys.argv", ["script.py"]), pytest.raises(ZeroDivisionError):
+        common.run(lambda args: 1 / 0, Args)
+    with mock.patch("sys.argv", ["script.py"]), pytest.raises(ValueError, match="invalid literal"):
+        common.run(lambda args: int("raised outside the project's files"), Args)  # a traceback, not one line
+
+
+def test_float16_on_cpu_is_refused():
+    with pytest.raises(ValueError, match="--dtype float16 does not train correctly on the CPU"):
+        common.choose_precision("float16", torch.device("cpu"))
+
+
+def test_a_causal_lm_without_a_trained_score_head_is_not_a_reward_model(tiny_checkpoint, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    with pytest.raises(ValueError, match="has no trained 'score' head"):
+        common.load_model(tiny_checkpoint, AutoModelForSequenceClassification, num_labels=1, trained_head="score")
+    AutoModelForSequenceClassification.from_pretrained(tiny_checkpoint, num_labels=1).save_pretrained(tmp_path)
+    common.load_model(str(tmp_path), AutoModelForSequenceClassification, trained_head="score")
+
+
+def test_fit_prompts_drops_empty_and_too_long_prompts_and_counts_them(tiny_checkpoint, capsys):
+    tokenizer = common.load_tokenizer(tiny_checkpoint)
+    rows = [{"prompt": "1+2="}, {"prompt": ""}, {"prompt": "1" * 40}, {"prompt": "12+34="}]
+    kept = common.fit_prompts(tokenizer, rows, chat_template=False, room=10, what="data.jsonl")
+    assert [row["prompt"] for row in kept] == ["1+2=", "12+34="] and kept[0]["prompt_ids"] == tokenizer("1+2=")[
+        "input_ids"
+    ]
+    assert "data.jsonl: dropped 2 of 4 prompts" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="no prompt fits in 3 tokens"):
+        common.fit_prompts(tokenizer, rows, chat_template=False, room=3, what="data.jsonl")
+
+
+def test_score_completions_scores_prompt_plus_completion_plus_eos_only_when_it_ended(tiny_checkpoint):
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_checkpoint, num_labels=1).eval()
+    tokenizer = common.load_tokenizer(tiny_checkpoint)
+    scores = common.score_completions(model, tokenizer, ["1+2=", "12+30="], ["3", "42"], [True, False], False, 1)
+    with torch.no_grad():
+        alone = [
+            model(torch.tensor([ids])).logits.item()
+            for ids in (tokenizer("1+2=3")["input_ids"] + [tokenizer.eos_token_id], tokenizer("12+30=42")["input_ids"])
+        ]
+    torch.testing.assert_close(scores, torch.tensor(alone), rtol=1e-4, atol=1e-4)
+
+
 def test_evaluate_accuracy_scores_greedy_completions(tiny_checkpoint):
     tokenizer = common.load_tokenizer(tiny_checkpoint)
     model = common.load_model(tiny_checkpoint)
-    problems = common.arithmetic_eval_set(8)
+    problems = tasks.arithmetic_eval_set(8)
     accuracy, completions = common.evaluate_accuracy(model, tokenizer, problems, max_new_tokens=4)
     assert len(completions) == 8 and 0.0 <= accuracy <= 1.0
-    perfect, _ = common.evaluate_accuracy(model, tokenizer, problems, 4, reward_fn=lambda prompts, completions, **kw: [1.0] * len(prompts))
+    perfect, _ = common.evaluate_accuracy(
+        model, tokenizer, problems, 4, reward_fn=lambda prompts, completions, **kw: [1.0] * len(prompts)
+    )
     assert perfect == 1.0
 
 
@@ -385,8 +456,8 @@ def test_reward_model_scores_read_the_last_real_token(tiny_checkpoint):
 
 def test_lora_starts_as_the_base_model_and_disabling_it_gives_the_base_back(tmp_path):
     torch.manual_seed(0)
-    tokenizer = common.build_tiny_tokenizer()
-    base = common.build_tiny_gpt2(tokenizer, n_layer=2, n_embd=32, n_head=2)
+    tokenizer = sft.build_tiny_tokenizer()
+    base = sft.build_tiny_gpt2(tokenizer, n_layer=2, n_embd=32, n_head=2)
     ids = torch.tensor([tokenizer("12+34=46")["input_ids"]])
     expected = base(ids).logits.detach()
     model = common.apply_lora(copy.deepcopy(base), r=4, alpha=8)
@@ -402,7 +473,7 @@ def test_lora_starts_as_the_base_model_and_disabling_it_gives_the_base_back(tmp_
     assert not torch.allclose(adapted, expected)
     with model.disable_adapter():
         torch.testing.assert_close(model(ids).logits, expected)
-    common.save_checkpoint(model, tokenizer, str(tmp_path / "merged"))
+    common.save_model(model, tokenizer, str(tmp_path / "merged"))
     assert (tmp_path / "merged" / "adapter" / "adapter_config.json").is_file(), "the exact adapters are kept too"
     merged = common.load_model(str(tmp_path / "merged"))
     torch.testing.assert_close(merged(ids).logits, adapted, atol=1e-4, rtol=1e-4)
@@ -410,8 +481,8 @@ def test_lora_starts_as_the_base_model_and_disabling_it_gives_the_base_back(tmp_
 
 def test_gradient_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
-    tokenizer = common.build_tiny_tokenizer()
-    model = common.build_tiny_gpt2(tokenizer, n_layer=2, n_embd=32, n_head=2).train()
+    tokenizer = sft.build_tiny_tokenizer()
+    model = sft.build_tiny_gpt2(tokenizer, n_layer=2, n_embd=32, n_head=2).train()
     ids = torch.tensor([tokenizer("12+34=46")["input_ids"]] * 2)
     gradients = []
     for checkpointing in (False, True):

@@ -1,5 +1,11 @@
 import copy
+import json
 import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 import common
 import dpo
+import sft
 
 LOSS_TYPES = ["sigmoid", "ipo", "hinge"]
 
@@ -24,13 +31,15 @@ def losses_for(h_chosen, h_rejected, beta, loss_type="sigmoid", label_smoothing=
     chosen, rejected = torch.as_tensor(h_chosen, dtype=torch.float64), torch.as_tensor(h_rejected, dtype=torch.float64)
     chosen_lengths, rejected_lengths = (torch.full_like(chosen, n) for n in lengths)
     zero = torch.zeros_like(chosen)
-    return dpo.dpo_loss(chosen, rejected, zero, zero, beta, loss_type, label_smoothing, chosen_lengths, rejected_lengths)
+    return dpo.dpo_loss(
+        chosen, rejected, zero, zero, beta, loss_type, label_smoothing, chosen_lengths, rejected_lengths
+    )
 
 
 def tiny_model(seed: int = 0):
     torch.manual_seed(seed)
-    tokenizer = common.build_tiny_tokenizer()
-    return tokenizer, common.build_tiny_gpt2(tokenizer, n_layer=1, n_embd=32, n_head=2).eval()
+    tokenizer = sft.build_tiny_tokenizer()
+    return tokenizer, sft.build_tiny_gpt2(tokenizer, n_layer=1, n_embd=32, n_head=2).eval()
 
 
 def tokenized_pairs(tokenizer, rows):
@@ -57,7 +66,15 @@ PAIRS = [
 def test_loss_at_policy_equal_reference_is_the_equality_value(loss_type, logps, beta, lengths):
     chosen, rejected = torch.tensor([logps[0]], dtype=torch.float64), torch.tensor([logps[1]], dtype=torch.float64)
     losses, chosen_rewards, rejected_rewards = dpo.dpo_loss(
-        chosen, rejected, chosen.clone(), rejected.clone(), beta, loss_type, 0.0, torch.tensor([lengths[0]]), torch.tensor([lengths[1]])
+        chosen,
+        rejected,
+        chosen.clone(),
+        rejected.clone(),
+        beta,
+        loss_type,
+        0.0,
+        torch.tensor([lengths[0]]),
+        torch.tensor([lengths[1]]),
     )
     torch.testing.assert_close(losses, torch.tensor([equality_value(loss_type, beta)], dtype=torch.float64))
     assert chosen_rewards.item() == rejected_rewards.item() == 0.0
@@ -111,7 +128,8 @@ def test_label_smoothing_is_conservative_dpo_exactly(h, beta, eps):
 
 def test_ipo_uses_length_normalised_log_ratios():
     beta = 0.25
-    # log-ratio 4 over 4 chosen tokens and 1 over 1 rejected token: 1 per token each, so h_bar = 0 and L = 1 / (4 beta^2)
+    # log-ratio 4 over 4 chosen tokens and 1 over 1 rejected token: 1 per token each,
+    # so h_bar = 0 and L = 1 / (4 beta^2)
     losses, *_ = losses_for([4.0], [1.0], beta, "ipo", lengths=(4, 1))
     torch.testing.assert_close(losses, torch.tensor([1 / (4 * beta**2)], dtype=torch.float64))
     # the same h = 3 with one token each is L = (3 - 1 / (2 beta))^2 = 1
@@ -150,8 +168,14 @@ def test_sequence_logprobs_counts_completion_tokens_only(rows, seed):
     for row, (prompt_length, completion_length, _) in enumerate(rows):
         mask[row, prompt_length : prompt_length + completion_length] = 1
         logprobs = torch.log_softmax(logits[row], -1)
-        # token t is predicted by the logits at t - 1; a completion starting at position 0 has no prediction for its first token
-        expected.append(sum(logprobs[t - 1, input_ids[row, t]] for t in range(max(1, prompt_length), prompt_length + completion_length)))
+        # token t is predicted by the logits at t - 1; a completion starting at position 0 has no prediction
+        # for its first token
+        expected.append(
+            sum(
+                logprobs[t - 1, input_ids[row, t]]
+                for t in range(max(1, prompt_length), prompt_length + completion_length)
+            )
+        )
     result = dpo.sequence_logprobs(logits, input_ids, mask)
     torch.testing.assert_close(result, torch.tensor([float(e) for e in expected]))
     # any change to the logits or tokens outside the completion leaves the result unchanged, even -inf logits
@@ -172,19 +196,23 @@ def test_a_row_without_completion_tokens_gives_zero_not_nan():
 
 
 def test_tokenize_pair_shares_the_prompt_appends_eos_and_counts_truncation():
-    tokenizer = common.build_tiny_tokenizer()
-    prompt, chosen, rejected, truncated = dpo.tokenize_pair(tokenizer, {"prompt": "12+3=", "chosen": "15", "rejected": "105"}, 64, False)
+    tokenizer = sft.build_tiny_tokenizer()
+    prompt, chosen, rejected, truncated = dpo.tokenize_pair(
+        tokenizer, {"prompt": "12+3=", "chosen": "15", "rejected": "105"}, 64, False
+    )
     assert tokenizer.decode(prompt) == "12+3=" and not truncated
     assert chosen == tokenizer("15", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     assert rejected == tokenizer("105", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    prompt, chosen, rejected, truncated = dpo.tokenize_pair(tokenizer, {"prompt": "12+3=", "chosen": "15", "rejected": "105"}, 8, False)
+    prompt, chosen, rejected, truncated = dpo.tokenize_pair(
+        tokenizer, {"prompt": "12+3=", "chosen": "15", "rejected": "105"}, 8, False
+    )
     assert truncated and len(prompt) + len(rejected) == 8 and len(chosen) == 3
     *_, truncated = dpo.tokenize_pair(tokenizer, {"prompt": "12+3=", "chosen": "15", "rejected": "10"}, 8, False)
     assert not truncated
 
 
 def test_collate_puts_chosen_then_rejected_with_identical_prompts_and_completion_masks():
-    tokenizer = common.build_tiny_tokenizer()
+    tokenizer = sft.build_tiny_tokenizer()
     pairs = tokenized_pairs(tokenizer, PAIRS[:3])
     batch = dpo.collate(pairs, tokenizer.pad_token_id, "cpu")
     assert batch["input_ids"].shape[0] == 6
@@ -213,7 +241,9 @@ def test_concatenated_forward_is_the_same_on_a_left_padded_batch():
     tokenizer, model = tiny_model()
     batch = dpo.collate(tokenized_pairs(tokenizer, PAIRS), tokenizer.pad_token_id, "cpu")
     shifts = batch["attention_mask"].size(1) - batch["attention_mask"].sum(-1)
-    left_padded = {key: torch.stack([row.roll(int(shift)) for row, shift in zip(value, shifts)]) for key, value in batch.items()}
+    left_padded = {
+        key: torch.stack([row.roll(int(shift)) for row, shift in zip(value, shifts)]) for key, value in batch.items()
+    }
     assert (left_padded["attention_mask"][:, 0] == 0).any()
     with torch.no_grad():
         for right, left in zip(dpo.concatenated_forward(model, batch), dpo.concatenated_forward(model, left_padded)):
@@ -227,7 +257,9 @@ def test_precomputed_reference_logprobs_equal_a_live_reference_model():
     live_model = copy.deepcopy(model)
     with torch.no_grad():
         for indices in ([4, 0], [2], [1, 3]):  # other batches, other padding
-            live_chosen, live_rejected = dpo.concatenated_forward(live_model, dpo.collate([pairs[i] for i in indices], 0, "cpu"))
+            live_chosen, live_rejected = dpo.concatenated_forward(
+                live_model, dpo.collate([pairs[i] for i in indices], 0, "cpu")
+            )
             torch.testing.assert_close(live_chosen, precomputed_chosen[indices], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(live_rejected, precomputed_rejected[indices], atol=1e-5, rtol=1e-5)
 
@@ -261,7 +293,14 @@ def test_rejected_from_model_rejects_the_models_own_wrong_answers_only():
 def run_dpo(tmp_path, model_path, **overrides) -> str:
     output_dir = str(tmp_path / overrides.pop("name", "ckpt"))
     arguments = dict(
-        model=model_path, num_pairs=32, total_steps=3, batch_size=4, eval_every=2, eval_size=8, learning_rate=1e-2, output_dir=output_dir
+        model=model_path,
+        num_pairs=32,
+        total_steps=3,
+        batch_size=4,
+        eval_every=2,
+        eval_size=8,
+        learning_rate=1e-2,
+        output_dir=output_dir,
     )
     dpo.main(dpo.Args(**{**arguments, **overrides}))
     return output_dir
@@ -283,7 +322,9 @@ def test_dpo_end_to_end_changes_the_model_and_writes_a_checkpoint_that_loads(tin
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_keeping_the_reference_model_trains_the_same_as_precomputing_it(tiny_checkpoint, tmp_path, monkeypatch, loss_type):
+def test_keeping_the_reference_model_trains_the_same_as_precomputing_it(
+    tiny_checkpoint, tmp_path, monkeypatch, loss_type
+):
     monkeypatch.chdir(tmp_path)
     extra = {"loss_type": loss_type, "sft_coef": 0.5, "label_smoothing": 0.1 if loss_type == "sigmoid" else 0.0}
     precomputed = run_dpo(tmp_path, tiny_checkpoint, name="precomputed", **extra)
@@ -310,7 +351,9 @@ def test_dpo_on_jsonl(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = tmp_path / "pairs.jsonl"
     rows = ['{"prompt": "say hi: ", "chosen": "hi", "rejected": "go away"}'] * 5
-    rows.append(f'{{"prompt": "say hi: ", "chosen": "{"hi " * 40}", "rejected": "no"}}')  # beyond the model's 64 positions: cut
+    rows.append(
+        f'{{"prompt": "say hi: ", "chosen": "{"hi " * 40}", "rejected": "no"}}'
+    )  # beyond the model's 64 positions: cut
     data.write_text("\n".join(rows))
     assert (tmp_path / run_dpo(tmp_path, tiny_checkpoint, dataset=str(data)) / "config.json").is_file()
 
@@ -348,3 +391,163 @@ def test_a_missing_model_path_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         run_dpo(tmp_path, str(tmp_path / "missing"))
+
+
+# ----------------------------------------------------------------------------- reliability: bad input, output, resume
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"eval_every": 0}, "--eval-every must be >= 1; got 0"),
+        ({"eval_size": 0}, "--eval-size must be >= 1; got 0"),
+        ({"batch_size": 0}, "--batch-size must be >= 1; got 0"),
+        ({"micro_batch_size": 0}, "--micro-batch-size must be >= 1; got 0"),
+        ({"total_steps": 0}, "--total-steps must be >= 1; got 0"),
+        ({"num_pairs": 0}, "--num-pairs must be >= 1; got 0"),
+        ({"max_length": 0}, "--max-length must be >= 1; got 0"),
+        ({"max_new_tokens": 0}, "--max-new-tokens must be >= 1; got 0"),
+        ({"save_every": -1}, "--save-every must be >= 0; got -1"),
+        ({"keep_checkpoints": 0}, "--keep-checkpoints must be >= 1; got 0"),
+        ({"warmup_steps": -1}, "--warmup-steps must be >= 0; got -1"),
+        ({"lora_r": -1}, "--lora-r must be >= 0; got -1"),
+        ({"sft_coef": -1.0}, "--sft-coef must be >= 0; got -1.0"),
+    ],
+)
+def test_each_missing_check_is_an_error_naming_the_flag_before_loading(tmp_path, monkeypatch, overrides, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        run_dpo(tmp_path, str(tmp_path / "missing"), **overrides)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "ckpt").exists()
+
+
+def test_a_bad_flag_reaches_the_user_as_one_line(tmp_path):
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    script = Path(dpo.__file__).resolve()
+    result = subprocess.run(
+        [sys.executable, str(script), "--eval-every", "0"],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: --eval-every must be >= 1; got 0"
+
+
+def test_digits_0_and_float16_on_the_cpu_are_refused(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="--digits must be at least 1"):
+        run_dpo(tmp_path, tiny_checkpoint, digits=0)
+    with pytest.raises(ValueError, match="--dtype float16 does not train correctly on the CPU"):
+        run_dpo(tmp_path, tiny_checkpoint, dtype="float16", device="cpu")
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "ckpt").exists()
+
+
+def test_an_output_dir_holding_a_users_files_is_refused_and_kept_unless_overwrite(
+    tiny_checkpoint, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds files not written here .*--overwrite-output-dir"):
+        run_dpo(tmp_path, tiny_checkpoint)
+    (tmp_path / "a_file").write_text("mine too")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        run_dpo(tmp_path, tiny_checkpoint, name="a_file")
+    assert (folder / "notes.txt").read_text() == "mine" and (tmp_path / "a_file").read_text() == "mine too"
+    assert not (tmp_path / "runs").exists()
+    run_dpo(tmp_path, tiny_checkpoint, overwrite_output_dir=True)
+    assert (folder / "notes.txt").read_text() == "mine" and (folder / "config.json").is_file()
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("\n".join(json.dumps(row) for row in rows))
+    return str(path)
+
+
+def test_pairs_whose_prompt_leaves_no_room_are_dropped_and_none_left_is_an_error(
+    tiny_checkpoint, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    short = {"prompt": "say hi: ", "chosen": "hi", "rejected": "go away"}
+    long = {"prompt": "x" * 70, "chosen": "hi", "rejected": "no"}  # beyond the model's 64 positions
+    data = write_jsonl(tmp_path / "pairs.jsonl", [short] * 5 + [long])
+    run_dpo(tmp_path, tiny_checkpoint, dataset=data)
+    assert "dropped 1 of 6 pairs" in capsys.readouterr().out
+    # every prompt fills --max-length: the run would train on nothing (loss log 2 throughout), so it is refused
+    with pytest.raises(ValueError, match="no pair left, every prompt fills --max-length 8"):
+        run_dpo(tmp_path, tiny_checkpoint, dataset=data, max_length=8, name="nothing")
+    assert not (tmp_path / "nothing").exists()
+
+
+def test_eval_dataset_gives_held_out_accuracy_on_jsonl_pairs(tiny_checkpoint, tmp_path, monkeypatch, logged_scalars):
+    monkeypatch.chdir(tmp_path)
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "say hi: ", "chosen": "hi", "rejected": "no"}] * 8)
+    problems = [{"prompt": "say hi: ", "answer": "hi"}] * 3 + [{"prompt": "y" * 40, "answer": "no"}]
+    eval_data = write_jsonl(tmp_path / "eval.jsonl", problems)
+    calls, evaluate_accuracy = [], common.evaluate_accuracy
+
+    def spy(model, tokenizer, rows, max_new_tokens, **kwargs):
+        calls.append((len(rows), max_new_tokens))
+        return evaluate_accuracy(model, tokenizer, rows, max_new_tokens, **kwargs)
+
+    monkeypatch.setattr(common, "evaluate_accuracy", spy)
+    run_dpo(tmp_path, tiny_checkpoint, dataset=data, eval_dataset=eval_data)
+    # default generation length min(64, 64 // 2) = 32: the 40-token prompt does not fit and is dropped
+    assert calls == [(3, 32)] * 3
+    assert sorted(step for tag, step in logged_scalars if tag == "charts/eval_accuracy") == [0, 2, 3]
+    calls.clear()
+    run_dpo(tmp_path, tiny_checkpoint, dataset=data, eval_dataset=eval_data, max_new_tokens=5, name="short")
+    assert calls == [(4, 5)] * 3
+    calls.clear()
+    run_dpo(tmp_path, tiny_checkpoint, name="arithmetic")
+    assert calls == [(8, 4)] * 3  # digits + 2 on arithmetic
+
+
+def test_rejected_from_model_runs_end_to_end(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    output_dir = run_dpo(tmp_path, tiny_checkpoint, rejected_from_model=True)
+    assert "of 32 rejected answers are the model's own" in capsys.readouterr().out
+    assert (Path(output_dir) / "config.json").is_file()
+
+
+def record_scalars(monkeypatch, logged: dict, interrupt_at: int | None = None) -> None:
+    """common.setup_logging gives a writer that keeps every scalar in `logged` and, at the step `interrupt_at`, sends
+    this process a real SIGINT (as Ctrl-C would)."""
+
+    class Recorder:
+        def add_scalar(self, tag, value, step):
+            logged[(tag, step)] = value
+            if tag == "losses/dpo_loss" and step == interrupt_at:
+                os.kill(os.getpid(), signal.SIGINT)
+
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(common, "setup_logging", lambda *args, **kwargs: Recorder())
+
+
+@pytest.mark.parametrize("overrides", [{}, {"keep_reference_model": True}, {"lora_r": 4, "keep_reference_model": True}])
+def test_a_run_interrupted_by_sigint_and_resumed_ends_like_one_uninterrupted_run(
+    tiny_checkpoint, tmp_path, monkeypatch, overrides
+):
+    """6 pairs in batches of 4: the data order and its generator carry over a pass boundary. The reference log-probs
+    must come from the starting model, not the resumed one, or the resumed steps would differ."""
+    monkeypatch.chdir(tmp_path)
+    arguments = dict(num_pairs=6, total_steps=5, eval_every=2, **overrides)
+    whole, interrupted, resumed = {}, {}, {}
+    record_scalars(monkeypatch, whole)
+    whole_dir = run_dpo(tmp_path, tiny_checkpoint, name="whole", **arguments)
+    record_scalars(monkeypatch, interrupted, interrupt_at=2)
+    with pytest.raises(SystemExit, match="stopped by SIGINT after step 2; continue with --resume auto"):
+        run_dpo(tmp_path, tiny_checkpoint, name="resumed", **arguments)
+    assert sorted(path.name for path in (tmp_path / "resumed").iterdir()) == ["checkpoint-2"]
+    record_scalars(monkeypatch, resumed)
+    resumed_dir = run_dpo(tmp_path, tiny_checkpoint, name="resumed", resume="auto", **arguments)
+
+    whole_state = AutoModelForCausalLM.from_pretrained(whole_dir).state_dict()
+    resumed_state = AutoModelForCausalLM.from_pretrained(resumed_dir).state_dict()
+    assert all(torch.equal(resumed_state[name], tensor) for name, tensor in whole_state.items())
+    later = {key: value for key, value in whole.items() if key[1] >= 3 and key[0] != "charts/SPS"}
+    assert later and {key: resumed[key] for key in later} == later
+    assert ("charts/eval_accuracy", 0) not in resumed  # no evaluation at step 0 on a resume
