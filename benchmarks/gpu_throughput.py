@@ -1,7 +1,7 @@
 """Throughput of grpo.py and dpo.py on a GPU: generation and training tokens per second, and model FLOPs utilisation.
 
-    python benchmarks/gpu_throughput.py                                  # CUDA, a ~0.4B Qwen2-shaped model, mixed bf16
-    python benchmarks/gpu_throughput.py --size tiny --device cpu --dtype float32 --peak-tflops 0.1   # same code, a laptop
+    python benchmarks/gpu_throughput.py           # CUDA, a ~0.4B Qwen2-shaped model, mixed bf16
+    python benchmarks/gpu_throughput.py --size tiny --device cpu --dtype float32 --peak-tflops 0.1   # same, a laptop
 
 1. Builds a randomly initialised Qwen2-architecture model from a config, in this process (no hub), with the
    char-level tokenizer, and saves it with save_pretrained.
@@ -32,12 +32,18 @@ sys.path.insert(0, str(harness.ROOT))
 import common  # noqa: E402
 import dpo  # noqa: E402
 import grpo  # noqa: E402
+import sft  # noqa: E402
 
 SIZES = {  # Qwen2 shapes: hidden, layers, heads, key/value heads, MLP width
-    "0.4b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864),
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=256),
+    "0.4b": dict(
+        hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864
+    ),
+    "tiny": dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=256
+    ),
 }
-PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0}  # dense, per vendor sheets
+# dense, per vendor sheets
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0}
 
 
 @dataclass
@@ -65,12 +71,14 @@ class Args:
 def build_model(size: str, folder: Path) -> str:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    tokenizer = common.build_tiny_tokenizer()
-    config = Qwen2Config(vocab_size=len(tokenizer), max_position_embeddings=4096, tie_word_embeddings=True, **SIZES[size])
+    tokenizer = sft.build_tiny_tokenizer()
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), max_position_embeddings=4096, tie_word_embeddings=True, **SIZES[size]
+    )
     config.pad_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config)
-    common.save_checkpoint(model, tokenizer, str(folder / "model"))
+    common.save_model(model, tokenizer, str(folder / "model"))
     return str(folder / "model")
 
 
@@ -100,23 +108,19 @@ def main(args: Args) -> None:
     with tempfile.TemporaryDirectory(prefix="gpu-") as folder:
         model_path = build_model(args.size, Path(folder))
         rows = [{"prompt": f"{i} + {i % 7} =", "answer": str(i + i % 7)} for i in range(64)]
-        pairs = [{"prompt": row["prompt"], "chosen": row["answer"], "rejected": str(int(row["answer"]) + 1)} for row in rows]
+        pairs = [
+            {"prompt": row["prompt"], "chosen": row["answer"], "rejected": str(int(row["answer"]) + 1)} for row in rows
+        ]
         (Path(folder) / "qa.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
         (Path(folder) / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in pairs))
-        shared = ["--model", model_path, "--device", args.device, "--dtype", args.dtype, "--total-steps", str(args.script_steps)]
+        shared = ["--model", model_path, "--device", args.device, "--dtype", args.dtype]
+        shared += ["--total-steps", str(args.script_steps), "--learning-rate", "1e-6", "--eval-size", "4"]
+        grpo_flags = ["--dataset", f"{folder}/qa.jsonl", "--batch-size", "64", "--group-size", "8"]
+        grpo_flags += ["--micro-batch-size", "32", "--max-completion-length", "32", "--output-dir", f"{folder}/grpo"]
+        dpo_flags = ["--dataset", f"{folder}/pairs.jsonl", "--batch-size", "16", "--output-dir", f"{folder}/dpo"]
         script_runs = {
-            "grpo.py": harness.run_script(
-                "grpo.py",
-                shared
-                + ["--dataset", f"{folder}/qa.jsonl", "--batch-size", "64", "--group-size", "8", "--micro-batch-size", "32"]
-                + ["--max-completion-length", "32", "--learning-rate", "1e-6", "--eval-size", "4", "--output-dir", f"{folder}/grpo"],
-            ),
-            "dpo.py": harness.run_script(
-                "dpo.py",
-                shared
-                + ["--dataset", f"{folder}/pairs.jsonl", "--batch-size", "16", "--learning-rate", "1e-6", "--eval-size", "4"]
-                + ["--output-dir", f"{folder}/dpo"],
-            ),
+            "grpo.py": harness.run_script("grpo.py", shared + grpo_flags),
+            "dpo.py": harness.run_script("dpo.py", shared + dpo_flags),
         }
 
         dtype, autocast_dtype = common.choose_precision(args.dtype, device)
@@ -126,7 +130,8 @@ def main(args: Args) -> None:
         context = args.prompt_length + args.completion_length
         flops_per_token = 6 * non_embedding + 12 * config.num_hidden_layers * config.hidden_size * context
         generator = torch.Generator().manual_seed(0)
-        prompts = torch.randint(3, config.vocab_size, (args.batch_size, args.prompt_length), generator=generator).to(device)
+        shape = (args.batch_size, args.prompt_length)
+        prompts = torch.randint(3, config.vocab_size, shape, generator=generator).to(device)
 
         def generate():
             with torch.no_grad():
@@ -149,7 +154,9 @@ def main(args: Args) -> None:
 
         def grpo_step():
             logprobs, _ = grpo.completion_logprobs(model, sequences, attention_mask, args.prompt_length, 1.0)
-            loss, _ = grpo.grpo_loss(logprobs, logprobs.detach(), advantages, mask)
+            loss, _ = grpo.grpo_loss(
+                logprobs=logprobs, old_logprobs=logprobs.detach(), advantages=advantages, mask=mask
+            )
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -163,7 +170,13 @@ def main(args: Args) -> None:
 
         def dpo_step():
             chosen, rejected = dpo.concatenated_forward(model, dpo_batch)
-            losses, _, _ = dpo.dpo_loss(chosen, rejected, reference, reference, beta=0.1)
+            losses, _, _ = dpo.dpo_loss(
+                policy_chosen_logps=chosen,
+                policy_rejected_logps=rejected,
+                ref_chosen_logps=reference,
+                ref_rejected_logps=reference,
+                beta=0.1,
+            )
             losses.mean().backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -176,17 +189,19 @@ def main(args: Args) -> None:
 
     tokens = args.batch_size * context
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    table = [
-        ["generation (sampled, KV cache)", f"{args.batch_size * args.completion_length / generation_seconds:,.0f}", "-", "-"],
-    ]
+    generated = args.batch_size * args.completion_length / generation_seconds
+    table = [["generation (sampled, KV cache)", f"{generated:,.0f}", "-", "-"]]
     for name, seconds in (("GRPO training step", grpo_seconds), ("DPO training step", dpo_seconds)):
         achieved = flops_per_token * tokens / seconds
         table.append([name, f"{tokens / seconds:,.0f}", f"{achieved / 1e12:.1f}", f"{achieved / (peak * 1e12):.1%}"])
-    script_table = [[script, f"{run['wall_s']:.0f}", f"{run['peak_rss_mb']:.0f}"] for script, run in script_runs.items()]
+    script_table = [
+        [script, f"{run['wall_s']:.0f}", f"{run['peak_rss_mb']:.0f}"] for script, run in script_runs.items()
+    ]
     text = (
         f"# Throughput on {device_name}\n\n"
-        f"Command: `python benchmarks/gpu_throughput.py --size {args.size} --device {args.device} --dtype {args.dtype}`. "
-        f"Qwen2-shaped model built in-process: {non_embedding / 1e6:.0f}M non-embedding parameters, "
+        f"Command: `python benchmarks/gpu_throughput.py --size {args.size} --device {args.device} "
+        f"--dtype {args.dtype}`. Qwen2-shaped model built in-process: {non_embedding / 1e6:.0f}M non-embedding "
+        "parameters, "
         f"{config.num_hidden_layers} layers, width {config.hidden_size}; batch {args.batch_size} sequences of "
         f"{args.prompt_length} prompt + {args.completion_length} completion tokens; peak dense bf16 {peak} TFLOP/s; "
         f"peak GPU memory {peak_memory:.1f} GiB.\n\n"

@@ -77,7 +77,8 @@ def run_script(script: str, args: list[str], echo: bool = True) -> dict:
 
 
 def read_scalars(log_root: Path) -> dict[str, list[tuple[int, float, float]]]:
-    """Every scalar of the single run under `log_root` as {tag: [(step, relative wall time, value), ...]}; {} if none."""
+    """Every scalar of the single run under `log_root` as {tag: [(step, relative wall time, value), ...]}; {} if
+    none."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     if not log_root.is_dir():
@@ -91,7 +92,10 @@ def read_scalars(log_root: Path) -> dict[str, list[tuple[int, float, float]]]:
     first = min(e.wall_time for series in events.values() for e in series)
     # TensorBoard stores values as float32, so an accuracy of 475/500 = 0.95 reads back as 0.949999988; the shortest
     # decimal with the same float32 is the value that was logged, and a bar such as ">= 0.95" then compares as written
-    return {tag: [(e.step, e.wall_time - first, float(str(numpy.float32(e.value)))) for e in series] for tag, series in events.items()}
+    return {
+        tag: [(e.step, e.wall_time - first, float(str(numpy.float32(e.value)))) for e in series]
+        for tag, series in events.items()
+    }
 
 
 def median_and_range(values: list[float]) -> str:
@@ -118,7 +122,13 @@ def plot_curves(curves: dict[str, list[tuple[float, float, float]]], path: Path,
     figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for axis, x_index, xlabel in ((axes[0], 0, "step"), (axes[1], 1, "seconds since the run's first logged event")):
         for label, points in curves.items():
-            axis.plot([point[x_index] for point in points], [point[2] for point in points], marker="o", markersize=3, label=label)
+            axis.plot(
+                [point[x_index] for point in points],
+                [point[2] for point in points],
+                marker="o",
+                markersize=3,
+                label=label,
+            )
         axis.set(xlabel=xlabel)
         axis.grid(alpha=0.3)
     axes[0].set(ylabel=ylabel)

@@ -31,6 +31,7 @@ import harness
 
 sys.path.insert(0, str(harness.ROOT))
 import common  # noqa: E402
+import tasks  # noqa: E402
 
 
 @dataclass
@@ -51,7 +52,14 @@ class Args:
 # normalisation (TRL's default is "dapo"), group std scaling, one update per rollout, temperature 1.
 # DPO: plain sigmoid DPO, reference log-probs precomputed on both sides. Reward model: no centring term.
 SETTINGS = {
-    "grpo": {"learning_rate": 3e-5, "batch_size": 16, "group_size": 8, "max_completion_length": 5, "beta": 0.0, "loss_type": "grpo"},
+    "grpo": {
+        "learning_rate": 3e-5,
+        "batch_size": 16,
+        "group_size": 8,
+        "max_completion_length": 5,
+        "beta": 0.0,
+        "loss_type": "grpo",
+    },
     "dpo": {"learning_rate": 1e-4, "batch_size": 32, "dpo_beta": 0.1},
     "reward_model": {"learning_rate": 1e-3, "batch_size": 64},
 }
@@ -63,21 +71,25 @@ def ours_command(algorithm: str, seed: int, steps: int, model: str, output_dir: 
     common_flags += ["--learning-rate", str(s["learning_rate"]), "--warmup-steps", "0", "--output-dir", output_dir]
     if algorithm == "grpo":
         flags = ["--batch-size", str(s["batch_size"] * s["group_size"]), "--group-size", str(s["group_size"])]
-        flags += ["--max-completion-length", str(s["max_completion_length"]), "--beta", str(s["beta"]), "--loss-type", s["loss_type"]]
+        flags += ["--max-completion-length", str(s["max_completion_length"])]
+        flags += ["--beta", str(s["beta"]), "--loss-type", s["loss_type"]]
         flags += ["--temperature", "1.0", "--num-iterations", "1", "--scale-rewards", "group", "--epsilon", "0.2"]
         return "grpo.py", common_flags + flags
     if algorithm == "dpo":
         # plain sigmoid DPO on both sides: TRL adds no NLL term by default, ours does unless --sft-coef 0; and TRL's
         # weight decay (0; dpo.py's default is torch's 0.01)
         # --num-pairs steps x batch: the pairs TRL gets (trl_runners.preference_pairs), one pass over them
-        flags = ["--batch-size", str(s["batch_size"]), "--beta", str(s["dpo_beta"]), "--sft-coef", "0", "--weight-decay", "0"]
+        flags = ["--batch-size", str(s["batch_size"]), "--beta", str(s["dpo_beta"])]
+        flags += ["--sft-coef", "0", "--weight-decay", "0"]
         return "dpo.py", common_flags + flags + ["--num-pairs", str(steps * s["batch_size"])]
     return "reward_model.py", common_flags + ["--batch-size", str(s["batch_size"]), "--center-rewards-coefficient", "0"]
 
 
 def trl_command(algorithm: str, seed: int, steps: int, model: str, output_dir: str) -> list[str]:
     flags = [algorithm, "--model", model, "--seed", str(seed), "--steps", str(steps), "--output-dir", output_dir]
-    return flags + [arg for key, value in SETTINGS[algorithm].items() for arg in (f"--{key.replace('_', '-')}", str(value))]
+    return flags + [
+        arg for key, value in SETTINGS[algorithm].items() for arg in (f"--{key.replace('_', '-')}", str(value))
+    ]
 
 
 def ours_step_seconds(scalars: dict) -> float:
@@ -98,7 +110,7 @@ def initial_reward_model(sft_checkpoint: str, seed: int, folder: str) -> str:
     model = common.load_model(sft_checkpoint, AutoModelForSequenceClassification, num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id
     reward_model.init_reward_head(model)
-    common.save_checkpoint(model, tokenizer, folder)
+    common.save_model(model, tokenizer, folder)
     return folder
 
 
@@ -107,11 +119,11 @@ def quality(algorithm: str, checkpoint: str) -> float:
     tokenizer = common.load_tokenizer(checkpoint)
     if algorithm in ("grpo", "dpo"):
         model = common.load_model(checkpoint)
-        return common.evaluate_accuracy(model, tokenizer, common.arithmetic_eval_set(500), max_new_tokens=4)[0]
+        return common.evaluate_accuracy(model, tokenizer, tasks.arithmetic_eval_set(500), max_new_tokens=4)[0]
     from transformers import AutoModelForSequenceClassification
 
     model = common.load_model(checkpoint, AutoModelForSequenceClassification).eval()
-    pairs = common.arithmetic_preference_pairs(500, split="test", seed=1234)
+    pairs = tasks.arithmetic_preference_pairs(500, split="test", seed=1234)
     rows = [pair["prompt"] + pair[key] + tokenizer.eos_token for key in ("chosen", "rejected") for pair in pairs]
     batch = tokenizer(rows, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.no_grad():
@@ -127,7 +139,9 @@ def run_side(algorithm: str, side: str, seed: int, steps: int, start: str) -> di
             run = harness.run_script(script, flags, echo=False)
             seconds = ours_step_seconds(run["scalars"])
         else:
-            run = harness.run_script("benchmarks/trl_runners.py", trl_command(algorithm, seed, steps, start, output_dir), echo=False)
+            run = harness.run_script(
+                "benchmarks/trl_runners.py", trl_command(algorithm, seed, steps, start, output_dir), echo=False
+            )
             seconds = statistics.median(json.loads((Path(output_dir) / "timing.json").read_text())["step_times"][1:])
         result = {"s_per_step": seconds, "peak_rss_mb": run["peak_rss_mb"], "quality": quality(algorithm, output_dir)}
     print(f"   {result}", flush=True)
@@ -156,9 +170,11 @@ def main(args: Args) -> None:
             trl_median = statistics.median(r[key] for r in trl)
             row += [fmt.format(ours_median), fmt.format(trl_median), f"{ours_median / trl_median:.2f}"]
             if key == "s_per_step":
-                # each seed's ours and TRL ran back to back, so their ratio cancels the machine's slower and faster minutes
+                # each seed's ours and TRL ran back to back: their ratio cancels the machine's slow and fast minutes
                 paired_ratios = [o[key] / t[key] for o, t in zip(ours, trl)]
-                row.append(f"{statistics.median(paired_ratios):.2f} [{min(paired_ratios):.2f}, {max(paired_ratios):.2f}]")
+                row.append(
+                    f"{statistics.median(paired_ratios):.2f} [{min(paired_ratios):.2f}, {max(paired_ratios):.2f}]"
+                )
         row.append(quality_name[algorithm])
         rows.append(row)
     headers = [
@@ -179,12 +195,14 @@ def main(args: Args) -> None:
     text = (
         f"# Ours vs TRL, {args.steps} steps, median of seeds {list(args.seeds)}\n\n"
         f"Command: `{' '.join(['python benchmarks/trl_comparison.py', *sys.argv[1:]])}`. Ratios are ours / TRL "
-        "(below 1 is faster or leaner for time and memory; above 1 is better for quality); the ratio per seed compares the "
-        "two runs made back to back.\n\n"
+        "(below 1 is faster or leaner for time and memory; above 1 is better for quality); the ratio per seed compares "
+        "the two runs made back to back.\n\n"
         + harness.markdown_table(headers, rows)
-        + f"\nSettings given to both sides (no gradient checkpointing, which TRL's configs turn on by default; fused AdamW; DPO: plain sigmoid DPO, ours with `--sft-coef 0 --weight-decay 0`; reference log-probs "
-        f"precomputed on both sides; reward model: no centring term, both start from the same initial head; DPO and reward model: "
-        f"the same pairs in the same order on both sides; warm-up 0 and a linear decay everywhere):\n{settings}\n\nEvery run:\n\n"
+        + "\nSettings given to both sides (no gradient checkpointing, which TRL's configs turn on by default; fused "
+        "AdamW; DPO: plain sigmoid DPO, ours with `--sft-coef 0 --weight-decay 0`; reference log-probs precomputed on "
+        "both sides; reward model: no centring term, both start from the same initial head; DPO and reward model: the "
+        f"same pairs in the same order on both sides; warm-up 0 and a linear decay everywhere):\n{settings}\n\n"
+        "Every run:\n\n"
         + harness.markdown_table(
             ["algorithm", "side", "seed", "s/step", "peak MB", "quality"],
             [

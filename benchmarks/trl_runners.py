@@ -19,6 +19,7 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
+import tasks  # noqa: E402
 
 
 @dataclass
@@ -42,7 +43,7 @@ class Args:
     """`arithmetic`, or a .jsonl file: prompt/answer for GRPO, prompt/chosen/rejected for DPO and the reward model"""
     # GRPO
     reward: Literal["arithmetic", "math"] = "arithmetic"
-    """exact match (common.arithmetic_reward) or the final-answer reward of grpo.py (grpo.math_answer_reward)"""
+    """exact match (tasks.arithmetic_reward) or the final-answer reward (tasks.math_answer_reward)"""
     group_size: int = 8
     max_completion_length: int = 5
     temperature: float = 1.0
@@ -64,10 +65,10 @@ def preference_pairs(args: Args) -> list[dict]:
     import torch
 
     if args.dataset == "arithmetic":
-        pairs = common.arithmetic_preference_pairs(args.steps * args.batch_size, args.digits, "train", seed=args.seed)
+        pairs = tasks.arithmetic_preference_pairs(args.steps * args.batch_size, args.digits, "train", seed=args.seed)
     else:
         fields = ("prompt", "chosen", "rejected")
-        pairs = [{key: row[key] for key in fields} for row in common.read_jsonl(args.dataset, fields)]
+        pairs = [{key: row[key] for key in fields} for row in tasks.read_jsonl(args.dataset, fields)]
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed)).tolist()
     return [pairs[i] for i in order]
 
@@ -113,9 +114,12 @@ def main(args: Args) -> None:
         from trl import GRPOConfig, GRPOTrainer
 
         if args.dataset == "arithmetic":
-            rows = common.arithmetic_problems(args.steps * args.batch_size, args.digits, "train", seed=args.seed)
+            rows = tasks.arithmetic_problems(args.steps * args.batch_size, args.digits, "train", seed=args.seed)
         else:
-            rows = [{"prompt": row["prompt"], "answer": row["answer"]} for row in common.read_jsonl(args.dataset, ("prompt", "answer"))]
+            rows = [
+                {"prompt": row["prompt"], "answer": row["answer"]}
+                for row in tasks.read_jsonl(args.dataset, ("prompt", "answer"))
+            ]
         if args.chat_template:
             rows = [{"prompt": [{"role": "user", "content": row["prompt"]}], "answer": row["answer"]} for row in rows]
         config = GRPOConfig(
@@ -133,10 +137,7 @@ def main(args: Args) -> None:
             num_iterations=1,
         )
 
-        if args.reward == "math":
-            from grpo import math_answer_reward as reward_function
-        else:
-            reward_function = common.arithmetic_reward
+        reward_function = tasks.math_answer_reward if args.reward == "math" else tasks.arithmetic_reward
 
         def reward(prompts, completions, answer, **unused):
             texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]  # conversational completions
@@ -174,13 +175,19 @@ def main(args: Args) -> None:
         pairs = preference_pairs(args)
         model = common.load_model(args.model, AutoModelForSequenceClassification, num_labels=1)
         model.config.pad_token_id = tokenizer.pad_token_id
-        config = RewardConfig(**shared, per_device_train_batch_size=args.batch_size, train_sampling_strategy="sequential")
+        config = RewardConfig(
+            **shared, per_device_train_batch_size=args.batch_size, train_sampling_strategy="sequential"
+        )
         trainer = RewardTrainer(
-            model=model, args=config, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer, callbacks=[StepTimer()]
+            model=model,
+            args=config,
+            train_dataset=Dataset.from_list(pairs),
+            processing_class=tokenizer,
+            callbacks=[StepTimer()],
         )
 
     trainer.train()
-    common.save_checkpoint(trainer.model, tokenizer, args.output_dir)
+    common.save_model(trainer.model, tokenizer, args.output_dir)
     (Path(args.output_dir) / "timing.json").write_text(json.dumps({"step_times": step_times}))
     (Path(args.output_dir) / "log_history.json").write_text(json.dumps(trainer.state.log_history))
     print(f"TRL {args.algorithm}: {len(step_times)} steps, saved {args.output_dir}")

@@ -11,7 +11,10 @@ the held-out set and on training-split problems:
   on), how often the model's own log-likelihood ranks the correct answer above the near miss: the ranking a
   reward model started from this checkpoint has to learn to read out at its last token.
 
-    python benchmarks/arithmetic_breakdown.py --checkpoints checkpoints/sft checkpoints/grpo
+    python benchmarks/studies/arithmetic_breakdown.py --checkpoints checkpoints/sft checkpoints/grpo
+
+Finding: benchmarks/results/2026-12-02-sft-defaults.md (the errors are problems with a one-digit operand; also
+used in 2026-12-02-grpo.md and 2026-12-02-reward-model.md).
 """
 
 import sys
@@ -21,8 +24,9 @@ from pathlib import Path
 import torch
 import tyro
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import common  # noqa: E402
+import tasks  # noqa: E402
 
 
 @dataclass
@@ -46,9 +50,13 @@ def is_short(prompt: str, digits: int) -> bool:
 
 
 @torch.no_grad()
-def sampled_rewards(model, tokenizer, problems: list[dict], group_size: int, temperature: float, max_new_tokens: int) -> torch.Tensor:
+def sampled_rewards(
+    model, tokenizer, problems: list[dict], group_size: int, temperature: float, max_new_tokens: int
+) -> torch.Tensor:
     """(problems, group_size) exact-match rewards of samples at `temperature`."""
-    prompt_ids = [common.tokenize_prompt(tokenizer, problem["prompt"]) for problem in problems for _ in range(group_size)]
+    prompt_ids = [
+        common.tokenize_prompt(tokenizer, problem["prompt"]) for problem in problems for _ in range(group_size)
+    ]
     inputs = tokenizer.pad({"input_ids": prompt_ids}, return_tensors="pt", padding_side="left")
     output = model.generate(
         **inputs,
@@ -63,7 +71,7 @@ def sampled_rewards(model, tokenizer, problems: list[dict], group_size: int, tem
     completion_ids = output[:, inputs["input_ids"].size(1) :]
     mask, _ = common.completion_mask(completion_ids, tokenizer.eos_token_id)
     answers = [problem["answer"] for problem in problems for _ in range(group_size)]
-    rewards = common.arithmetic_reward([], common.decode_completions(tokenizer, completion_ids, mask), answers)
+    rewards = tasks.arithmetic_reward([], common.decode_completions(tokenizer, completion_ids, mask), answers)
     return torch.tensor(rewards).view(len(problems), group_size)
 
 
@@ -73,7 +81,9 @@ def likelihood_prefers_chosen(model, tokenizer, pairs: list[dict]) -> torch.Tens
     prompt_ids = [common.tokenize_prompt(tokenizer, pair["prompt"]) for pair in pairs]
 
     def completion_logprob(key: str) -> torch.Tensor:
-        completion_ids = [tokenizer(pair[key], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for pair in pairs]
+        completion_ids = [
+            tokenizer(pair[key], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for pair in pairs
+        ]
         sequences = [prompt + completion for prompt, completion in zip(prompt_ids, completion_ids)]
         batch = tokenizer.pad({"input_ids": sequences}, return_tensors="pt", padding_side="right")
         position_ids = common.position_ids_from_mask(batch["attention_mask"])
@@ -91,17 +101,17 @@ def main(args: Args) -> None:
     # the pairs' problems are the split's problems (same split and seed), each with a near-miss rejected answer
     splits = {
         "held-out": (
-            common.arithmetic_eval_set(args.size, args.digits),
-            common.arithmetic_preference_pairs(args.size, args.digits, "test", seed=1234),
+            tasks.arithmetic_eval_set(args.size, args.digits),
+            tasks.arithmetic_preference_pairs(args.size, args.digits, "test", seed=1234),
         ),
         "train": (
-            common.arithmetic_problems(args.size, args.digits, "train", seed=999),
-            common.arithmetic_preference_pairs(args.size, args.digits, "train", seed=999),
+            tasks.arithmetic_problems(args.size, args.digits, "train", seed=999),
+            tasks.arithmetic_preference_pairs(args.size, args.digits, "train", seed=999),
         ),
     }
     print(
-        "| checkpoint | split | greedy all | greedy short | greedy long | sampled short | sampled long | all-wrong groups short | all-wrong groups long "
-        "| likelihood ranks near-miss pairs right |"
+        "| checkpoint | split | greedy all | greedy short | greedy long | sampled short | sampled long "
+        "| all-wrong groups short | all-wrong groups long | likelihood ranks near-miss pairs right |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for checkpoint in args.checkpoints:
@@ -109,14 +119,18 @@ def main(args: Args) -> None:
         for split, (problems, pairs) in splits.items():
             common.seed_everything(args.seed)
             accuracy, completions = common.evaluate_accuracy(model, tokenizer, problems, args.digits + 2)
-            greedy = torch.tensor(common.arithmetic_reward([], completions, [problem["answer"] for problem in problems]))
+            greedy = torch.tensor(tasks.arithmetic_reward([], completions, [problem["answer"] for problem in problems]))
             sampled = sampled_rewards(model, tokenizer, problems, args.group_size, args.temperature, args.digits + 2)
             short = torch.tensor([is_short(problem["prompt"], args.digits) for problem in problems])
             all_wrong = sampled.sum(dim=1) == 0
             cells = [greedy[short].mean(), greedy[~short].mean(), sampled[short].mean(), sampled[~short].mean()]
             cells += [all_wrong[short].float().mean(), all_wrong[~short].float().mean()]
             cells += [likelihood_prefers_chosen(model, tokenizer, pairs).float().mean()]
-            print(f"| {checkpoint} | {split} ({short.sum()} short) | {accuracy:.3f} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+            print(
+                f"| {checkpoint} | {split} ({short.sum()} short) | {accuracy:.3f} | "
+                + " | ".join(f"{c:.3f}" for c in cells)
+                + " |"
+            )
 
 
 if __name__ == "__main__":

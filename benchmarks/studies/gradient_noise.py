@@ -1,4 +1,5 @@
-"""Why the RL scripts' learning rates are small: the early accuracy dip is gradient noise turned into full-size steps by Adam.
+"""Why the RL scripts' learning rates are small: the early accuracy dip is gradient noise turned into full-size steps
+by Adam.
 
 From the sft.py checkpoint, a few GRPO steps (grpo.py, default flags but the learning rate) twice per learning rate:
 with the real group-relative advantages, and with the same advantages shuffled across the batch, which keeps
@@ -7,23 +8,24 @@ is noise, not a wrong sign or a bad reward. A third row moves every parameter by
 a random sign (what Adam's first steps do to a parameter whose gradient is pure noise, but in random directions
 rather than along the gradient's). Held-out greedy accuracy every few steps.
 
-    python benchmarks/gradient_noise.py [--steps 25] [--learning-rates 5e-4 3e-5]
+    python benchmarks/studies/gradient_noise.py [--steps 25] [--learning-rates 5e-4 3e-5]
 
-Writes benchmarks/results/gradient_noise.md.
+Writes benchmarks/results/gradient_noise.md. Finding: benchmarks/results/2026-12-02-learning-rates.md.
 """
 
 import sys
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import tyro
 
-import harness
-
-sys.path.insert(0, str(harness.ROOT))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[2])]
 import common  # noqa: E402
 import grpo  # noqa: E402
+import harness  # noqa: E402
+import tasks  # noqa: E402
 
 
 @dataclass
@@ -39,7 +41,8 @@ class Args:
 
 
 def run(args: Args, learning_rate: float, shuffled: bool) -> dict[int, float]:
-    """{step: held-out accuracy} of one grpo.main run; with `shuffled`, every rollout's advantages are permuted at random."""
+    """{step: held-out accuracy} of one grpo.main run; with `shuffled`, every rollout's advantages are permuted at
+    random."""
     accuracy = {}
 
     class Recorder:  # stands in for the TensorBoard writer: keeps charts/eval_accuracy
@@ -77,9 +80,10 @@ def run(args: Args, learning_rate: float, shuffled: bool) -> dict[int, float]:
 
 @torch.no_grad()
 def random_sign_steps(args: Args, learning_rate: float) -> dict[int, float]:
-    """{step: held-out accuracy} after `step` steps that add +-learning_rate to every parameter, each sign drawn at random."""
+    """{step: held-out accuracy} after `step` steps that add +-learning_rate to every parameter, each sign drawn at
+    random."""
     tokenizer, model = common.load_tokenizer(args.model), common.load_model(args.model)
-    problems = common.arithmetic_eval_set()
+    problems = tasks.arithmetic_eval_set()
     generator = torch.Generator().manual_seed(args.seed)
     accuracy = {0: common.evaluate_accuracy(model, tokenizer, problems, max_new_tokens=4)[0]}
     for step in range(1, args.steps + 1):
@@ -105,10 +109,12 @@ def main(args: Args) -> None:
     rows = [[label] + [f"{curve[step]:.3f}" for step in steps] for label, curve in curves.items()]
     text = (
         "# Gradient noise and the early dip\n\n"
-        f"`python benchmarks/gradient_noise.py --steps {args.steps}`: GRPO from `{model_name}` (seed {args.seed}, default flags but\n"
+        f"`python benchmarks/studies/gradient_noise.py --steps {args.steps}`: GRPO from `{model_name}` "
+        f"(seed {args.seed}, default flags but\n"
         "the learning rate), with the real advantages and with the same advantages shuffled across the batch (no\n"
         "information, the same sizes), and every parameter moved by +-lr per step with random signs. Held-out greedy\n"
-        "accuracy after each number of steps:\n\n" + harness.markdown_table(["run"] + [f"step {step}" for step in steps], rows)
+        "accuracy after each number of steps:\n\n"
+        + harness.markdown_table(["run"] + [f"step {step}" for step in steps], rows)
     )
     print(text)
     harness.write_result("gradient_noise.md", text)

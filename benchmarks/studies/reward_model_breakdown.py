@@ -1,11 +1,13 @@
 """Which near misses a reward model ranks right: held-out pair accuracy split by the digit that differs.
 
-A near miss (common.near_miss) differs from the correct sum in its units digit, its tens digit (off by ten, or a
+A near miss (tasks.near_miss) differs from the correct sum in its units digit, its tens digit (off by ten, or a
 dropped carry into the tens), its hundreds digit, or in several digits at once (a dropped carry that also changes
 the length). Telling the units digit apart needs (a + b) mod 10 at the last token, which is where the reward model's
 head reads; this table shows which checks a checkpoint has learned.
 
-    python benchmarks/reward_model_breakdown.py --checkpoints checkpoints/reward_model
+    python benchmarks/studies/reward_model_breakdown.py --checkpoints checkpoints/reward_model
+
+Finding: benchmarks/results/2026-12-02-reward-model.md (near misses in the units digit are ranked close to chance).
 """
 
 import sys
@@ -16,9 +18,10 @@ from pathlib import Path
 import tyro
 from transformers import AutoModelForSequenceClassification
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import common  # noqa: E402
 import reward_model  # noqa: E402
+import tasks  # noqa: E402
 
 
 @dataclass
@@ -40,7 +43,7 @@ def differing_digit(chosen: str, rejected: str) -> str:
 
 
 def main(args: Args) -> None:
-    pairs = common.arithmetic_preference_pairs(args.size, args.digits, "test", seed=1234)
+    pairs = tasks.arithmetic_preference_pairs(args.size, args.digits, "test", seed=1234)
     groups = defaultdict(list)
     for index, pair in enumerate(pairs):
         groups[differing_digit(pair["chosen"], pair["rejected"])].append(index)
@@ -54,7 +57,8 @@ def main(args: Args) -> None:
         model = common.load_model(checkpoint, AutoModelForSequenceClassification).eval()
         # tokenised and scored exactly as reward_model.py evaluates its held-out pairs (prompt + completion + EOS)
         tokenized = [
-            reward_model.tokenize_pair(tokenizer, pair, model.config.max_position_embeddings, chat_template=False)[:2] for pair in pairs
+            reward_model.tokenize_pair(tokenizer, pair, model.config.max_position_embeddings, chat_template=False)[:2]
+            for pair in pairs
         ]
         chosen_rewards, rejected_rewards = reward_model.score_dataset(model, tokenized, tokenizer.pad_token_id, "cpu")
         right = (chosen_rewards > rejected_rewards).float()

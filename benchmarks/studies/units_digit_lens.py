@@ -1,6 +1,6 @@
 """In which layer does the SFT model know the units digit of the sum? A logit lens and a linear probe per layer.
 
-The reward model reads one hidden state, the last layer's at EOS (README, "Reward model"), and ranks near misses in
+The reward model reads one hidden state, the last layer's at EOS (docs/reward_model.md), and ranks near misses in
 the units digit (`91+14=106` against `105`) little better than chance, while the same SFT model's own
 log-likelihood ranks them right. In a causal transformer the EOS position's layer l reads the other positions'
 states after layer l - 1, never their last-layer states. So where the model predicts the units digit matters:
@@ -15,7 +15,10 @@ and asks how well it gives the units digit,
 If only the last layer holds the digit, no layer at EOS can copy it from there: the reward model must learn to
 compute (a + b) mod 10 anew at EOS from one bit per pair.
 
-    python benchmarks/units_digit_lens.py --checkpoints checkpoints/sft
+    python benchmarks/studies/units_digit_lens.py --checkpoints checkpoints/sft
+
+Finding: benchmarks/results/2026-12-02-reward-model.md (the section on the units digit; this script's table is
+benchmarks/results/units_digit_lens.md).
 """
 
 import sys
@@ -26,8 +29,9 @@ import torch
 import tyro
 from transformers import AutoModelForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import common  # noqa: E402
+import tasks  # noqa: E402
 
 
 @dataclass
@@ -55,7 +59,9 @@ def states_before_units_digit(model, tokenizer, problems: list[dict]) -> tuple[l
     ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
     batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt", padding_side="right")
     lengths = batch["attention_mask"].sum(-1)
-    hidden = model(**batch, position_ids=common.position_ids_from_mask(batch["attention_mask"]), output_hidden_states=True).hidden_states
+    hidden = model(
+        **batch, position_ids=common.position_ids_from_mask(batch["attention_mask"]), output_hidden_states=True
+    ).hidden_states
     rows = torch.arange(len(ids))
     return [layer[rows, lengths - 2] for layer in hidden], batch["input_ids"][rows, lengths - 1]
 
@@ -75,8 +81,8 @@ def fit_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, st
 
 def main(args: Args) -> None:
     torch.manual_seed(args.seed)
-    train = [p for p in common.arithmetic_problems(args.size, args.digits, "train", seed=7) if len(p["answer"]) >= 2]
-    test = [p for p in common.arithmetic_problems(args.size, args.digits, "test", seed=1234) if len(p["answer"]) >= 2]
+    train = [p for p in tasks.arithmetic_problems(args.size, args.digits, "train", seed=7) if len(p["answer"]) >= 2]
+    test = [p for p in tasks.arithmetic_problems(args.size, args.digits, "test", seed=1234) if len(p["answer"]) >= 2]
     print("| checkpoint | layer | logit lens, held-out | linear probe, held-out |")
     print("|---|---|---|---|")
     for checkpoint in args.checkpoints:
@@ -92,7 +98,11 @@ def main(args: Args) -> None:
             probe = fit_probe(train_x, train_digits, len(tokenizer), args.probe_steps)
             with torch.no_grad():
                 probed = (probe((test_x - probe.mean) / probe.std).argmax(-1) == test_digits).float().mean().item()
-            name = "embeddings" if layer == 0 else f"after block {layer}" + (" (the model's prediction)" if layer == last else "")
+            name = (
+                "embeddings"
+                if layer == 0
+                else f"after block {layer}" + (" (the model's prediction)" if layer == last else "")
+            )
             print(f"| {checkpoint} | {name} | {lens:.3f} | {probed:.3f} |", flush=True)
 
 
