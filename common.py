@@ -128,6 +128,14 @@ def disable_dropout(model: torch.nn.Module) -> None:
                 setattr(module, name, 0.0)
 
 
+def check_minimums(args, **minimums) -> None:
+    """A one-line error naming the first flag below its minimum (a flag left at None takes its default and passes)."""
+    for name, minimum in minimums.items():
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise ValueError(f"--{name.replace('_', '-')} {value} must be >= {minimum}")
+
+
 def max_positions(model) -> int:
     """The longest sequence the model's position table holds."""
     return getattr(model.config, "max_position_embeddings", None) or 1 << 30

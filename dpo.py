@@ -286,10 +286,7 @@ def validate(args: Args) -> None:
     minimum |= dict(
         eval_size=1, max_new_tokens=1, keep_checkpoints=1, save_every=0, warmup_steps=0, lora_r=0, sft_coef=0
     )
-    for name, low in minimum.items():
-        value = getattr(args, name)
-        if value is not None and value < low:  # None: the default
-            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}; got {value}")
+    common.check_minimums(args, **minimum, digits=1)
 
 
 def load_policy(args: Args, device, dtype, autocast_dtype):

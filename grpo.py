@@ -332,10 +332,8 @@ def validate(args: Args) -> None:
         args.reward_funcs = ("arithmetic",) if args.dataset == tasks.ARITHMETIC else ("math",)
     args.epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
     minimum = dict(batch_size=1, micro_batch_size=1, total_steps=1, num_iterations=1, eval_every=1, keep_checkpoints=1)
-    minimum |= dict(max_completion_length=1, save_every=0, eval_size=0, warmup_steps=0, lora_r=0, beta=0)
-    for name, low in minimum.items():
-        if getattr(args, name) is not None and getattr(args, name) < low:
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= {low}")
+    minimum |= dict(max_completion_length=1, save_every=0, eval_size=0, warmup_steps=0, lora_r=0, beta=0, digits=1)
+    common.check_minimums(args, **minimum)
     if args.group_size < 2 or args.batch_size % args.group_size:
         raise ValueError(f"--group-size {args.group_size} must be >= 2 and divide --batch-size {args.batch_size}")
     if args.batch_size % args.micro_batch_size:

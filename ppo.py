@@ -322,10 +322,8 @@ def ppo_update(policy, value_model, optimizer, rollout: dict, advantages: Tensor
 def validate(args: Args) -> None:
     """Every flag checked before anything is loaded, each a one-line error naming it."""
     positive = ["batch_size", "num_minibatches", "num_ppo_epochs", "total_steps", "eval_every", "max_new_tokens"]
-    positive += ["micro_batch_size", "kl_horizon", "keep_checkpoints"]
-    for name, low in [(name, 1) for name in positive] + [(name, 0) for name in ("save_every", "eval_size", "lora_r")]:
-        if getattr(args, name) is not None and getattr(args, name) < low:
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= {low}")
+    positive += ["micro_batch_size", "kl_horizon", "keep_checkpoints", "digits"]
+    common.check_minimums(args, **dict.fromkeys(positive, 1), save_every=0, eval_size=0, lora_r=0)
     if args.temperature <= 0:
         raise ValueError(f"--temperature {args.temperature} must be > 0 (PPO samples)")
     if args.target_kl is not None and args.target_kl <= 0:

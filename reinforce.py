@@ -176,10 +176,8 @@ def validate(args: Args) -> None:
     num_rewards = len(args.reward_funcs) + (args.reward_model is not None)
     unknown = sorted(set(args.reward_funcs) - set(tasks.REWARD_FUNCTIONS))
     minimum = dict(total_steps=1, batch_size=1, group_size=2, eval_every=1, eval_size=0)
-    minimum |= dict(save_every=0, keep_checkpoints=1, max_completion_length=1, beta=0)
-    for name, low in minimum.items():
-        if getattr(args, name) is not None and getattr(args, name) < low:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
+    minimum |= dict(save_every=0, keep_checkpoints=1, max_completion_length=1, beta=0, digits=1)
+    common.check_minimums(args, **minimum)
     checks = [
         (args.batch_size % args.group_size > 0, f"--group-size {args.group_size} must divide --batch-size"),
         (args.temperature <= 0, f"--temperature must be > 0, got {args.temperature}"),

@@ -280,9 +280,7 @@ def main(args: Args) -> None:
 def validate(args: Args) -> None:
     """Every flag checked before anything is loaded; a bad one is one line naming it (None: the flag's default)."""
     minimums = dict(total_steps=1, batch_size=1, micro_batch_size=1, eval_every=1, eval_size=0, max_length=1)
-    for name, minimum in (minimums | dict(lora_r=0, save_every=0, keep_checkpoints=1)).items():
-        if getattr(args, name) is not None and getattr(args, name) < minimum:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least {minimum}, got {getattr(args, name)}")
+    common.check_minimums(args, **minimums, lora_r=0, save_every=0, keep_checkpoints=1, digits=1)
 
 
 def load_pairs(args: Args) -> tuple[list[dict], list[dict]]:

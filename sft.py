@@ -56,8 +56,9 @@ class Args:
     """attention heads of the `tiny` model"""
     dataset: str = tasks.ARITHMETIC
     """`arithmetic` (built-in addition task), a prompt/completion .jsonl file, or a Hugging Face dataset id"""
-    num_demonstrations: int | None = None
-    """N demonstrations, cycled (arithmetic: N distinct problems; a file: its first N rows); None: all (a new stream)"""
+    num_demonstrations: int | None = 500
+    """N demonstrations, cycled: on arithmetic N distinct problems, on a file its first N rows (all when it has fewer);
+    None: every row, and on arithmetic a new problem for every example"""
     eval_dataset: str | None = None
     """a prompt/answer .jsonl file of held-out problems for the greedy accuracy (None: the arithmetic test split)"""
     digits: int = 2
@@ -171,11 +172,11 @@ def build_tiny_gpt2(tokenizer, n_layer: int = 3, n_embd: int = 128, n_head: int 
 
 
 def validate(args: Args) -> None:  # every flag, before anything is loaded: one line naming it (None is the default)
-    minimums = dict(total_steps=1, batch_size=1, micro_batch_size=1, eval_every=1, eval_size=0, warmup_steps=0)
+    minimums = dict(
+        total_steps=1, batch_size=1, micro_batch_size=1, eval_every=1, eval_size=0, warmup_steps=0, digits=1
+    )
     minimums |= dict(max_length=1, max_new_tokens=1, num_demonstrations=1, lora_r=0, save_every=0, keep_checkpoints=1)
-    for name, minimum in minimums.items():
-        if getattr(args, name) is not None and getattr(args, name) < minimum:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least {minimum}, got {getattr(args, name)}")
+    common.check_minimums(args, **minimums)
 
 
 def load_policy(args: Args, dtype, autocast_dtype, device):
@@ -196,15 +197,14 @@ def load_policy(args: Args, dtype, autocast_dtype, device):
 
 
 def load_demonstrations(args: Args) -> tuple[list[dict], list[dict]]:
-    """(training rows, held-out rows): every training row, or the first --num-demonstrations (distinct problems)."""
+    """(training rows, held-out rows): --num-demonstrations distinct problems on arithmetic, the first that many
+    training rows of a file (all of them when it has fewer), or with None every row (arithmetic: a fresh stream)."""
     columns = {"prompt": args.prompt_field, "completion": args.completion_field}
     options = dict(digits=args.digits, seed=args.seed, held_out=args.eval_size, hf_split=args.hf_split, columns=columns)
     stream = args.total_steps * args.batch_size if args.num_demonstrations is None else 0  # a new problem per example
     train_rows, held_out_rows = tasks.load_rows(args.dataset, "sft", num_rows=stream, **options)
     if args.num_demonstrations is not None and args.dataset == tasks.ARITHMETIC:
-        train_rows = tasks.arithmetic_demonstrations(args.num_demonstrations, args.digits, seed=args.seed)
-    elif len(train_rows) < (args.num_demonstrations or 0):
-        raise ValueError(f"--num-demonstrations {args.num_demonstrations}: {args.dataset} has {len(train_rows)} rows")
+        train_rows = tasks.arithmetic_demonstrations(args.num_demonstrations, args.digits)  # one set, whatever --seed
     return train_rows[: args.num_demonstrations], held_out_rows
 
 

@@ -56,7 +56,7 @@ class Args:
     max_grad_norm: float = 1.0
     warmup_steps: int = 0
     chat_template: bool = False
-    """GRPO: prompts as a user turn of the chat template (a conversational dataset for TRL)"""
+    """prompts as a user turn of the chat template (a conversational dataset for TRL; completions as assistant turns)"""
 
 
 def preference_pairs(args: Args) -> list[dict]:
@@ -70,7 +70,18 @@ def preference_pairs(args: Args) -> list[dict]:
         fields = ("prompt", "chosen", "rejected")
         pairs = [{key: row[key] for key in fields} for row in tasks.read_jsonl(args.dataset, fields)]
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    return [pairs[i] for i in order]
+    pairs = [pairs[i] for i in order]
+    if args.chat_template:  # conversational pairs: TRL applies the chat template to the prompt
+        turn = lambda role, text: [{"role": role, "content": text}]  # noqa: E731
+        pairs = [
+            {
+                "prompt": turn("user", p["prompt"]),
+                "chosen": turn("assistant", p["chosen"]),
+                "rejected": turn("assistant", p["rejected"]),
+            }
+            for p in pairs
+        ]
+    return pairs
 
 
 def main(args: Args) -> None:

@@ -397,19 +397,19 @@ def test_a_missing_model_path_is_a_clear_error(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"eval_every": 0}, "--eval-every must be >= 1; got 0"),
-        ({"eval_size": 0}, "--eval-size must be >= 1; got 0"),
-        ({"batch_size": 0}, "--batch-size must be >= 1; got 0"),
-        ({"micro_batch_size": 0}, "--micro-batch-size must be >= 1; got 0"),
-        ({"total_steps": 0}, "--total-steps must be >= 1; got 0"),
-        ({"num_pairs": 0}, "--num-pairs must be >= 1; got 0"),
-        ({"max_length": 0}, "--max-length must be >= 1; got 0"),
-        ({"max_new_tokens": 0}, "--max-new-tokens must be >= 1; got 0"),
-        ({"save_every": -1}, "--save-every must be >= 0; got -1"),
-        ({"keep_checkpoints": 0}, "--keep-checkpoints must be >= 1; got 0"),
-        ({"warmup_steps": -1}, "--warmup-steps must be >= 0; got -1"),
-        ({"lora_r": -1}, "--lora-r must be >= 0; got -1"),
-        ({"sft_coef": -1.0}, "--sft-coef must be >= 0; got -1.0"),
+        ({"eval_every": 0}, "--eval-every 0 must be >= 1"),
+        ({"eval_size": 0}, "--eval-size 0 must be >= 1"),
+        ({"batch_size": 0}, "--batch-size 0 must be >= 1"),
+        ({"micro_batch_size": 0}, "--micro-batch-size 0 must be >= 1"),
+        ({"total_steps": 0}, "--total-steps 0 must be >= 1"),
+        ({"num_pairs": 0}, "--num-pairs 0 must be >= 1"),
+        ({"max_length": 0}, "--max-length 0 must be >= 1"),
+        ({"max_new_tokens": 0}, "--max-new-tokens 0 must be >= 1"),
+        ({"save_every": -1}, "--save-every -1 must be >= 0"),
+        ({"keep_checkpoints": 0}, "--keep-checkpoints 0 must be >= 1"),
+        ({"warmup_steps": -1}, "--warmup-steps -1 must be >= 0"),
+        ({"lora_r": -1}, "--lora-r -1 must be >= 0"),
+        ({"sft_coef": -1.0}, "--sft-coef -1.0 must be >= 0"),
     ],
 )
 def test_each_missing_check_is_an_error_naming_the_flag_before_loading(tmp_path, monkeypatch, overrides, message):
@@ -430,12 +430,12 @@ def test_a_bad_flag_reaches_the_user_as_one_line(tmp_path):
         text=True,
     )
     assert result.returncode == 1
-    assert result.stderr.strip() == "error: --eval-every must be >= 1; got 0"
+    assert result.stderr.strip() == "error: --eval-every 0 must be >= 1"
 
 
 def test_digits_0_and_float16_on_the_cpu_are_refused(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match="--digits must be at least 1"):
+    with pytest.raises(ValueError, match="--digits 0 must be >= 1"):
         run_dpo(tmp_path, tiny_checkpoint, digits=0)
     with pytest.raises(ValueError, match="--dtype float16 does not train correctly on the CPU"):
         run_dpo(tmp_path, tiny_checkpoint, dtype="float16", device="cpu")

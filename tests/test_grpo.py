@@ -564,7 +564,7 @@ def test_missing_checks_fail_before_anything_is_written(tiny_checkpoint, tmp_pat
 
 def test_digits_0_is_refused(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match="--digits must be at least 1"):
+    with pytest.raises(ValueError, match="--digits 0 must be >= 1"):
         grpo.main(small_args(tiny_checkpoint, tmp_path, digits=0))
 
 

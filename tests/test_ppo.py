@@ -480,7 +480,7 @@ def test_bad_flags_and_paths_are_clear_errors(tiny_checkpoint, tmp_path, monkeyp
         ({"temperature": 0.0}, "--temperature 0.0 must be > 0"),
         ({"target_kl": 0.0}, "--target-kl 0.0 must be > 0"),
         ({"reward_fn": "nope"}, "--reward-fn 'nope' is not reward_model or in"),
-        ({"digits": 0}, "--digits must be at least 1"),
+        ({"digits": 0}, "--digits 0 must be >= 1"),
     ],
 )
 def test_bad_flags_are_one_line_errors_before_anything_is_loaded_or_written(tmp_path, monkeypatch, overrides, message):

@@ -159,8 +159,9 @@ def test_num_demonstrations_on_a_file_takes_its_first_training_rows(tmp_path, mo
     seen = record_trained_texts(monkeypatch)
     sft.main(tiny_run_args(tmp_path, dataset=str(data), num_demonstrations=5, batch_size=5, total_steps=2))
     assert Counter(seen) == {f"q{i}=a{i}": 2 for i in range(3, 8)}  # rows 0-2 are the held-out tenth
-    with pytest.raises(ValueError, match="--num-demonstrations 28: .*data.jsonl has 27 rows"):
-        sft.main(tiny_run_args(tmp_path, dataset=str(data), num_demonstrations=28, output_dir=str(tmp_path / "b")))
+    seen.clear()  # a budget larger than the file: every training row, once per pass
+    sft.main(tiny_run_args(tmp_path, dataset=str(data), num_demonstrations=28, output_dir=str(tmp_path / "b")))
+    assert set(seen) <= {f"q{i}=a{i}" for i in range(3, 30)} and len(set(seen)) == len(seen) == 3 * 8  # one pass
 
 
 # ----------------------------------------------------------------------------- reliability
@@ -197,7 +198,7 @@ def test_a_bad_flag_is_a_one_line_error_before_anything_is_written(flag, value, 
     with mock.patch("sys.argv", ["sft.py", name, str(value), "--output-dir", str(tmp_path / "ckpt")]):
         with pytest.raises(SystemExit) as stop:
             common.run(sft.main, sft.Args)
-    assert stop.value.code == f"error: {name} must be at least {1 if value == 0 else 0}, got {value}"
+    assert stop.value.code == f"error: {name} {value} must be >= {1 if value == 0 else 0}"
     assert list(tmp_path.iterdir()) == [], "no output folder, no empty TensorBoard run"
 
 
