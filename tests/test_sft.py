@@ -146,7 +146,8 @@ def test_num_demonstrations_trains_on_that_many_distinct_problems_each_seen(tmp_
     monkeypatch.chdir(tmp_path)
     seen = record_trained_texts(monkeypatch)
     sft.main(tiny_run_args(tmp_path, num_demonstrations=6, batch_size=4, total_steps=3, eval_every=100))
-    demonstrations = [row["prompt"] + row["completion"] for row in tasks.arithmetic_demonstrations(6, 2, seed=1)]
+    # one fixed set of demonstrations (the data), whatever --seed (the training's randomness)
+    demonstrations = [row["prompt"] + row["completion"] for row in tasks.arithmetic_demonstrations(6, 2)]
     assert len(set(demonstrations)) == 6 and len(seen) == 12
     assert Counter(seen) == {text: 2 for text in demonstrations}  # two whole passes, reshuffled: each seen twice
     assert "6 distinct demonstrations" in capsys.readouterr().out
