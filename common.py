@@ -464,9 +464,11 @@ def save_model(model, tokenizer, output_dir: str, args=None) -> None:
         dist.barrier()
 
 
-def save_checkpoint(output_dir: str, step: int, models: dict, optimizer, scheduler, data: dict, args, keep: int = 2):
-    """`output_dir/checkpoint-{step}` for --resume: the trained parameters of `models`, optimizer, scheduler, step,
-    `data` (the place in the data order) and each rank's RNG states; written aside and renamed, whole or absent."""
+def save_checkpoint(args, step: int, models: dict, optimizer, scheduler, data: dict) -> None:
+    """`--output-dir/checkpoint-{step}` for --resume: the trained parameters of `models`, optimizer, scheduler, step,
+    `data` (the place in the data order) and each rank's RNG states; written aside and renamed, whole or absent. The
+    newest --keep-checkpoints are kept."""
+    output_dir, keep = args.output_dir, args.keep_checkpoints
     numpy_state = np.random.get_state()
     rng = {"python": random.getstate(), "numpy": [*numpy_state[:1], numpy_state[1].tolist(), *numpy_state[2:]]}
     rngs = [rng | {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}] * world()[1]

@@ -531,9 +531,7 @@ def main(args: Args) -> None:
                 evaluate(model, tokenizer, eval_rows, args, writer, step)
             if common.checkpoint_due(stop, step, args.save_every):
                 data = {"order": order, "generator": generator.get_state()}
-                common.save_checkpoint(
-                    args.output_dir, step, {"policy": model}, optimizer, scheduler, data, args, args.keep_checkpoints
-                )
+                common.save_checkpoint(args, step, {"policy": model}, optimizer, scheduler, data)
                 if stop.name:
                     raise SystemExit(f"stopped by {stop.name} after step {step}; continue with --resume auto")
     common.save_model(model, tokenizer, args.output_dir, args)

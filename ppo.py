@@ -516,9 +516,7 @@ def main(args: Args):
                     evaluate(writer, step, policy, tokenizer, eval_rows, max_new_tokens, args)
             if common.checkpoint_due(stop, step, args.save_every):
                 data = {"order": order, "generator": generator.get_state(), "kl_coef": kl_coef}
-                common.save_checkpoint(
-                    args.output_dir, step, trained, optimizer, scheduler, data, args, args.keep_checkpoints
-                )
+                common.save_checkpoint(args, step, trained, optimizer, scheduler, data)
                 if stop.name:
                     raise SystemExit(f"stopped by {stop.name} after step {step}; continue with --resume auto")
 

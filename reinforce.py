@@ -19,6 +19,8 @@ class Args:
     """the name of this experiment (prefix of the run name under runs/)"""
     seed: int = 1
     """seed of the experiment"""
+    device: str = "auto"
+    """`auto` (cuda > mps > cpu), or a torch device such as `cpu` or `cuda:1`"""
     dtype: str = "auto"
     """`auto` (mixed on a GPU with bf16, else float32), `mixed` (fp32 weights, bf16 body), float32, bfloat16, float16"""
 
@@ -37,6 +39,8 @@ class Args:
     # model, data and rewards
     model: str = "checkpoints/sft"
     """the policy to start from (and the reference): a Hugging Face model id or a local checkpoint folder"""
+    trust_remote_code: bool = False
+    """allow a hub model to run its own Python code"""
     dataset: str = "arithmetic"
     """`arithmetic` (the built-in addition task), a prompt/answer .jsonl file, or a Hugging Face dataset id"""
     digits: int = 2
@@ -48,8 +52,7 @@ class Args:
     chat_template: bool = False
     """wrap each prompt in the tokenizer's chat template (when it has one)"""
     reward_funcs: tuple[str, ...] | None = None
-    """rule-based rewards among `arithmetic` (exact match), `math` (final answer), `format`; default `arithmetic` on
-    the built-in task, `math` otherwise"""
+    """rule-based rewards of tasks.py (arithmetic, math, format); default `arithmetic` on arithmetic, else `math`"""
     reward_model: str | None = None
     """an AutoModelForSequenceClassification checkpoint (what reward_model.py writes) used as one more reward"""
     reward_weights: tuple[float, ...] | None = None
@@ -193,7 +196,8 @@ def validate(args: Args) -> None:
 def load_models(args: Args, dtype, autocast_dtype, device):
     """(tokenizer, policy, reference or None, (reward model, its tokenizer) or None); fills in the default length."""
     load = functools.partial(common.load_model, dtype=dtype, autocast_dtype=autocast_dtype)
-    tokenizer, model = common.load_tokenizer(args.model), load(args.model).to(device)
+    load = functools.partial(load, trust_remote_code=args.trust_remote_code)
+    tokenizer, model = common.load_tokenizer(args.model, args.trust_remote_code), load(args.model).to(device)
     common.broadcast_parameters(model)
     reference = load(args.model).to(device) if args.beta else None  # the starting policy, frozen (used without grad)
     reward_model = None
@@ -201,7 +205,7 @@ def load_models(args: Args, dtype, autocast_dtype, device):
         scorer = load(args.reward_model, AutoModelForSequenceClassification, trained_head="score").to(device)
         if scorer.config.num_labels != 1:
             raise ValueError(f"--reward-model {args.reward_model!r} has {scorer.config.num_labels} labels, not 1")
-        reward_model = scorer, common.load_tokenizer(args.reward_model)
+        reward_model = scorer, common.load_tokenizer(args.reward_model, args.trust_remote_code)
     if args.max_completion_length is None:
         positions = common.max_positions(model)
         args.max_completion_length = args.digits + 2 if args.dataset == tasks.ARITHMETIC else min(256, positions // 2)
@@ -233,7 +237,7 @@ def log_step(writer, step: int, batch: dict, metrics: dict, args: Args) -> None:
 def main(args: Args) -> None:
     validate(args)
     common.check_output_dir(args.output_dir, args.overwrite_output_dir)
-    rank, world_size, device = common.setup_distributed()  # (0, 1, device) without torchrun
+    rank, world_size, device = common.setup_distributed(args.device)  # (0, 1, device) without torchrun
     num_prompts = args.batch_size // args.group_size  # per step, over all processes
     if num_prompts % world_size:
         raise ValueError(f"--batch-size / --group-size = {num_prompts} prompts must divide by {world_size} processes")
@@ -283,9 +287,7 @@ def main(args: Args) -> None:
                 evaluate(model, tokenizer, eval_rows, args, writer, step)
             if common.checkpoint_due(stop, step, args.save_every):
                 data = {"order": order, "generator": generator.get_state()}
-                common.save_checkpoint(
-                    args.output_dir, step, {"policy": model}, optimizer, scheduler, data, args, args.keep_checkpoints
-                )
+                common.save_checkpoint(args, step, {"policy": model}, optimizer, scheduler, data)
                 if stop.name:
                     raise SystemExit(f"stopped by {stop.name} after step {step}; continue with --resume auto")
     common.save_model(model, tokenizer, args.output_dir, args)

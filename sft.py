@@ -314,9 +314,7 @@ def main(args: Args) -> None:
                 writer.add_scalar(tag, value, step)
             if common.checkpoint_due(stop, step, args.save_every):
                 data = {"order": order, "generator": generator.get_state()}
-                common.save_checkpoint(
-                    args.output_dir, step, {"policy": model}, optimizer, scheduler, data, args, args.keep_checkpoints
-                )
+                common.save_checkpoint(args, step, {"policy": model}, optimizer, scheduler, data)
                 if stop.name:
                     raise SystemExit(f"stopped by {stop.name} after step {step}; continue with --resume auto")
 

@@ -288,22 +288,17 @@ def tiny_training_state(seed: int):
 
 
 def test_a_checkpoint_restores_weights_optimizer_scheduler_rng_and_data_and_refuses_other_flags(tmp_path):
-    args = types.SimpleNamespace(learning_rate=1e-2, resume="auto", save_every=1)
+    args = types.SimpleNamespace(
+        learning_rate=1e-2, resume="auto", save_every=1, output_dir=str(tmp_path), keep_checkpoints=2
+    )
     model, optimizer, scheduler = tiny_training_state(0)
     ids = torch.randint(3, 90, (2, 6))
     for _ in range(2):
         model(ids, labels=ids).loss.backward()
         optimizer.step(), scheduler.step(), optimizer.zero_grad()
     generator = torch.Generator().manual_seed(5)
-    common.save_checkpoint(
-        str(tmp_path),
-        2,
-        {"policy": model},
-        optimizer,
-        scheduler,
-        {"generator": generator.get_state(), "order": [3, 1]},
-        args,
-    )
+    data = {"generator": generator.get_state(), "order": [3, 1]}
+    common.save_checkpoint(args, 2, {"policy": model}, optimizer, scheduler, data)
     random.random(), torch.rand(1)  # the draws a fresh start would not see again
     expected = (random.random(), torch.rand(3), generator.get_state())
     restored, restored_optimizer, restored_scheduler = tiny_training_state(1)
@@ -324,7 +319,7 @@ def test_a_checkpoint_restores_weights_optimizer_scheduler_rng_and_data_and_refu
         run_model(ids, labels=ids).loss.backward()
         run_optimizer.step()
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), restored.parameters()))
-    common.save_checkpoint(str(tmp_path), 2, {"policy": model}, optimizer, scheduler, {}, args)
+    common.save_checkpoint(args, 2, {"policy": model}, optimizer, scheduler, {})
     random.random(), torch.rand(1)
     first = (random.random(), torch.rand(3))
     common.load_checkpoint(
@@ -340,11 +335,11 @@ def test_a_checkpoint_restores_weights_optimizer_scheduler_rng_and_data_and_refu
 
 
 def test_only_the_newest_checkpoints_are_kept_and_resume_finds_the_newest(tmp_path):
-    args = types.SimpleNamespace(seed=1)
+    args = types.SimpleNamespace(seed=1, output_dir=str(tmp_path), keep_checkpoints=2)
     model, optimizer, scheduler = tiny_training_state(0)
     assert common.find_checkpoint(None, str(tmp_path)) is None and common.find_checkpoint("auto", str(tmp_path)) is None
     for step in (5, 10, 15):
-        common.save_checkpoint(str(tmp_path), step, {"policy": model}, optimizer, scheduler, {}, args, keep=2)
+        common.save_checkpoint(args, step, {"policy": model}, optimizer, scheduler, {})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-15"]
     assert common.find_checkpoint("auto", str(tmp_path)) == tmp_path / "checkpoint-15"
     with pytest.raises(FileNotFoundError, match="is not a checkpoint folder"):
