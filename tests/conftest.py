@@ -1,5 +1,7 @@
 import os
+import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 # no hub here: a model id fails at once instead of after retries. Set before transformers (and huggingface_hub)
@@ -55,17 +57,60 @@ def tiny_model():
     return build
 
 
+class ScalarRecorder:
+    """TensorBoard stand-in: every scalar kept in `.logged`; logging (tag, step) `interrupt_at` sends a real SIGINT."""
+
+    def __init__(self, interrupt_at: tuple[str, int] | None = None):
+        self.logged, self.interrupt_at = {}, interrupt_at
+
+    def add_scalar(self, tag, value, step):
+        self.logged[(tag, step)] = value
+        if (tag, step) == self.interrupt_at:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def __getattr__(self, name):  # add_text, close, ...: nothing to keep
+        return lambda *args, **kwargs: None
+
+
 @pytest.fixture
-def logged_scalars(monkeypatch):
+def record_run(monkeypatch):
+    """record_run(interrupt_at=None) -> {(tag, step): value} that the runs from now to the next call log."""
+
+    def record(interrupt_at: tuple[str, int] | None = None) -> dict:
+        recorder = ScalarRecorder(interrupt_at)
+        monkeypatch.setattr(common, "setup_logging", lambda *args, **kwargs: recorder)
+        return recorder.logged
+
+    return record
+
+
+@pytest.fixture
+def logged_scalars(record_run):
     """{(tag, step): value} of every scalar the script under test logs: common.setup_logging returns a recorder."""
-    logged = {}
+    return record_run()
 
-    class Recorder:
-        def add_scalar(self, tag, value, step):
-            logged[(tag, step)] = value
 
-        def __getattr__(self, name):  # add_text, close, ...: nothing to keep
-            return lambda *args, **kwargs: None
+@pytest.fixture(scope="session")
+def users_file():
+    """users_file(path, text="mine") -> path: a file of the user's, its folder made, that no script may change."""
 
-    monkeypatch.setattr(common, "setup_logging", lambda *args, **kwargs: Recorder())
-    return logged
+    def write(path: Path, text: str = "mine") -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        return path
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def refused_keeping():
+    """with refused_keeping(path, match): the block raises a ValueError matching `match`; the file at path unchanged."""
+
+    @contextmanager
+    def refused(path: Path, match: str):
+        text = path.read_text()
+        with pytest.raises(ValueError, match=match) as error:
+            yield error
+        assert path.read_text() == text
+
+    return refused

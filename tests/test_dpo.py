@@ -2,7 +2,6 @@ import copy
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -443,21 +442,19 @@ def test_digits_0_and_float16_on_the_cpu_are_refused(tiny_checkpoint, tmp_path, 
 
 
 def test_an_output_dir_holding_a_users_files_is_refused_and_kept_unless_overwrite(
-    tiny_checkpoint, tmp_path, monkeypatch
+    tiny_checkpoint, tmp_path, monkeypatch, users_file
 ):
     monkeypatch.chdir(tmp_path)
-    folder = tmp_path / "ckpt"
-    folder.mkdir()
-    (folder / "notes.txt").write_text("mine")
+    notes = users_file(tmp_path / "ckpt" / "notes.txt")
     with pytest.raises(ValueError, match="holds files not written here .*--overwrite-output-dir"):
         run_dpo(tmp_path, tiny_checkpoint)
-    (tmp_path / "a_file").write_text("mine too")
+    a_file = users_file(tmp_path / "a_file", "mine too")
     with pytest.raises(ValueError, match="is a file, not a folder"):
         run_dpo(tmp_path, tiny_checkpoint, name="a_file")
-    assert (folder / "notes.txt").read_text() == "mine" and (tmp_path / "a_file").read_text() == "mine too"
+    assert notes.read_text() == "mine" and a_file.read_text() == "mine too"
     assert not (tmp_path / "runs").exists()
     run_dpo(tmp_path, tiny_checkpoint, overwrite_output_dir=True)
-    assert (folder / "notes.txt").read_text() == "mine" and (folder / "config.json").is_file()
+    assert notes.read_text() == "mine" and (tmp_path / "ckpt" / "config.json").is_file()
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> str:
@@ -511,38 +508,21 @@ def test_rejected_from_model_runs_end_to_end(tiny_checkpoint, tmp_path, monkeypa
     assert (Path(output_dir) / "config.json").is_file()
 
 
-def record_scalars(monkeypatch, logged: dict, interrupt_at: int | None = None) -> None:
-    """common.setup_logging gives a writer that keeps every scalar in `logged` and, at the step `interrupt_at`, sends
-    this process a real SIGINT (as Ctrl-C would)."""
-
-    class Recorder:
-        def add_scalar(self, tag, value, step):
-            logged[(tag, step)] = value
-            if tag == "losses/dpo_loss" and step == interrupt_at:
-                os.kill(os.getpid(), signal.SIGINT)
-
-        def __getattr__(self, name):
-            return lambda *args, **kwargs: None
-
-    monkeypatch.setattr(common, "setup_logging", lambda *args, **kwargs: Recorder())
-
-
 @pytest.mark.parametrize("overrides", [{}, {"keep_reference_model": True}, {"lora_r": 4, "keep_reference_model": True}])
 def test_a_run_interrupted_by_sigint_and_resumed_ends_like_one_uninterrupted_run(
-    tiny_checkpoint, tmp_path, monkeypatch, overrides
+    tiny_checkpoint, tmp_path, monkeypatch, overrides, record_run
 ):
     """6 pairs in batches of 4: the data order and its generator carry over a pass boundary. The reference log-probs
     must come from the starting model, not the resumed one, or the resumed steps would differ."""
     monkeypatch.chdir(tmp_path)
     arguments = dict(num_pairs=6, total_steps=5, eval_every=2, **overrides)
-    whole, interrupted, resumed = {}, {}, {}
-    record_scalars(monkeypatch, whole)
+    whole = record_run()
     whole_dir = run_dpo(tmp_path, tiny_checkpoint, name="whole", **arguments)
-    record_scalars(monkeypatch, interrupted, interrupt_at=2)
+    record_run(interrupt_at=("losses/dpo_loss", 2))
     with pytest.raises(SystemExit, match="stopped by SIGINT after step 2; continue with --resume auto"):
         run_dpo(tmp_path, tiny_checkpoint, name="resumed", **arguments)
     assert sorted(path.name for path in (tmp_path / "resumed").iterdir()) == ["checkpoint-2"]
-    record_scalars(monkeypatch, resumed)
+    resumed = record_run()
     resumed_dir = run_dpo(tmp_path, tiny_checkpoint, name="resumed", resume="auto", **arguments)
 
     whole_state = AutoModelForCausalLM.from_pretrained(whole_dir).state_dict()

@@ -1,7 +1,5 @@
 import copy
 import json
-import os
-import signal
 
 import pytest
 import torch
@@ -576,20 +574,18 @@ def test_float16_on_the_cpu_is_refused(tiny_checkpoint, tmp_path, monkeypatch):
 
 
 def test_an_output_folder_of_a_users_files_is_refused_and_kept_unless_overwrite_is_asked(
-    tiny_checkpoint, tmp_path, monkeypatch
+    tiny_checkpoint, tmp_path, monkeypatch, users_file, refused_keeping
 ):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match="holds files not written here .*'notes.txt'.*--overwrite-output-dir"):
+    notes = users_file(tmp_path / "out" / "notes.txt")
+    with refused_keeping(notes, "holds files not written here .*'notes.txt'.*--overwrite-output-dir"):
         grpo.main(small_args(tiny_checkpoint, tmp_path, total_steps=1))
-    assert (tmp_path / "out" / "notes.txt").read_text() == "mine" and not (tmp_path / "runs").exists()
+    assert not (tmp_path / "runs").exists()
     grpo.main(small_args(tiny_checkpoint, tmp_path, total_steps=1, overwrite_output_dir=True))
-    assert (tmp_path / "out" / "config.json").is_file() and (tmp_path / "out" / "notes.txt").read_text() == "mine"
-    (tmp_path / "a_file").write_text("mine")
-    with pytest.raises(ValueError, match="is a file, not a folder"):
-        grpo.main(small_args(tiny_checkpoint, tmp_path, output_dir=str(tmp_path / "a_file")))
-    assert (tmp_path / "a_file").read_text() == "mine"
+    assert (tmp_path / "out" / "config.json").is_file() and notes.read_text() == "mine"
+    a_file = users_file(tmp_path / "a_file")
+    with refused_keeping(a_file, "is a file, not a folder"):
+        grpo.main(small_args(tiny_checkpoint, tmp_path, output_dir=str(a_file)))
 
 
 def test_a_reward_model_without_a_trained_score_head_or_with_two_labels_is_an_error(
@@ -672,41 +668,26 @@ def test_eval_dataset_is_what_held_out_accuracy_is_measured_on(tiny_checkpoint, 
 
 # ----------------------------------------------------------------------------- reliability: stop and resume
 def test_a_run_stopped_by_sigint_and_resumed_is_the_same_run_as_one_uninterrupted(
-    tiny_checkpoint, tmp_path, monkeypatch
+    tiny_checkpoint, tmp_path, monkeypatch, record_run
 ):
     """A real SIGINT during step 2 saves checkpoint-2 and stops; --resume auto ends with the same weights and logs
     the same metrics of steps 3-4 as a run that was never stopped."""
     monkeypatch.chdir(tmp_path)
     build_reward_model(tmp_path / "rm", common.load_tokenizer(tiny_checkpoint))  # graded rewards: nonzero advantages
-    runs = []
-
-    class Recorder:
-        def __init__(self, interrupt_at):
-            self.logged, self.interrupt_at = {}, interrupt_at
-            runs.append(self.logged)
-
-        def add_scalar(self, tag, value, step):
-            self.logged[(tag, step)] = value
-            if (tag, step) == ("charts/reward", self.interrupt_at):
-                os.kill(os.getpid(), signal.SIGINT)
-
-        def __getattr__(self, name):
-            return lambda *args, **kwargs: None
-
-    interrupt_at = iter([None, 2, None])
-    monkeypatch.setattr(common, "setup_logging", lambda *args, **kwargs: Recorder(next(interrupt_at)))
     options = dict(total_steps=4, beta=0.1, num_iterations=2, reward_model=str(tmp_path / "rm"), learning_rate=1e-2)
     # 6 prompts, 2 a step: step 4 draws a new order of them from the data generator, after the resume
     options |= dict(
         dataset=write_prompts(tmp_path / "data.jsonl", [f"{i}+1=" for i in range(6)]), max_completion_length=4
     )
     options |= dict(eval_dataset=write_prompts(tmp_path / "held_out.jsonl", ["1+1=", "2+2="]))
+    whole = record_run()
     grpo.main(small_args(tiny_checkpoint, tmp_path, output_dir=str(tmp_path / "whole"), **options))
+    record_run(interrupt_at=("charts/reward", 2))
     with pytest.raises(SystemExit, match="stopped by SIGINT after step 2; continue with --resume auto"):
         grpo.main(small_args(tiny_checkpoint, tmp_path, output_dir=str(tmp_path / "stopped"), **options))
     assert [path.name for path in (tmp_path / "stopped").iterdir()] == ["checkpoint-2"]
+    resumed = record_run()
     grpo.main(small_args(tiny_checkpoint, tmp_path, output_dir=str(tmp_path / "stopped"), resume="auto", **options))
-    whole, resumed = runs[0], runs[2]
     later = {key: value for key, value in whole.items() if key[1] > 2 and key[0] != "charts/SPS"}
     assert {key: resumed[key] for key in later} == later and ("losses/kl", 3) in later
     assert ("charts/eval_accuracy", 0) not in resumed  # no evaluation before the first step of a resumed run

@@ -1,7 +1,5 @@
 import inspect
 import json
-import os
-import signal
 import sys
 
 import pytest
@@ -352,7 +350,7 @@ def test_lora_uses_the_policy_with_adapters_off_as_reference_and_freezes_both_ba
 
 
 def test_micro_batches_give_the_updates_and_metrics_of_whole_minibatches(
-    tiny_checkpoint, tiny_reward_model, tmp_path, monkeypatch, logged_scalars
+    tiny_checkpoint, tiny_reward_model, tmp_path, monkeypatch, record_run
 ):
     """--micro-batch-size 1: every forward pass of the rollout and the update runs row by row; the gradients add up to
     the minibatch's (each micro-batch weighted by its share of the tokens), so training and metrics are unchanged."""
@@ -360,11 +358,11 @@ def test_micro_batches_give_the_updates_and_metrics_of_whole_minibatches(
     runs = []
     for micro_batch_size in (None, 1):
         torch.manual_seed(0)
+        logged = record_run()
         policy, value_model = ppo.main(
             tiny_args(tmp_path, tiny_checkpoint, reward_model=tiny_reward_model, micro_batch_size=micro_batch_size)
         )
-        runs.append((dict(logged_scalars), policy, value_model))
-        logged_scalars.clear()
+        runs.append((logged, policy, value_model))
     (whole, whole_policy, whole_value), (micro, micro_policy, micro_value) = runs
     tags = {tag for tag, step in whole if not tag.startswith("charts/")}
     assert {"losses/policy_loss", "losses/value_loss", "policy/ratio_var", "objective/scores"} <= tags
@@ -506,21 +504,19 @@ def test_float16_on_the_cpu_is_refused(tiny_checkpoint, tmp_path, monkeypatch):
 
 
 def test_an_output_folder_of_a_users_files_is_refused_and_kept_unless_overwrite_is_asked(
-    tiny_checkpoint, tmp_path, monkeypatch
+    tiny_checkpoint, tmp_path, monkeypatch, users_file, refused_keeping
 ):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "ppo").mkdir()
-    (tmp_path / "ppo" / "notes.txt").write_text("mine")
+    notes = users_file(tmp_path / "ppo" / "notes.txt")
     args = dict(reward_fn="arithmetic", total_steps=1)
-    with pytest.raises(ValueError, match="holds files not written here .*'notes.txt'.*--overwrite-output-dir"):
+    with refused_keeping(notes, "holds files not written here .*'notes.txt'.*--overwrite-output-dir"):
         ppo.main(tiny_args(tmp_path, tiny_checkpoint, **args))
-    assert (tmp_path / "ppo" / "notes.txt").read_text() == "mine" and not (tmp_path / "runs").exists()
+    assert not (tmp_path / "runs").exists()
     ppo.main(tiny_args(tmp_path, tiny_checkpoint, **args, overwrite_output_dir=True))
-    assert (tmp_path / "ppo" / "config.json").is_file() and (tmp_path / "ppo" / "notes.txt").read_text() == "mine"
-    (tmp_path / "a_file").write_text("mine")
-    with pytest.raises(ValueError, match="is a file, not a folder"):
-        ppo.main(tiny_args(tmp_path, tiny_checkpoint, **args, output_dir=str(tmp_path / "a_file")))
-    assert (tmp_path / "a_file").read_text() == "mine"
+    assert (tmp_path / "ppo" / "config.json").is_file() and notes.read_text() == "mine"
+    a_file = users_file(tmp_path / "a_file")
+    with refused_keeping(a_file, "is a file, not a folder"):
+        ppo.main(tiny_args(tmp_path, tiny_checkpoint, **args, output_dir=str(a_file)))
 
 
 def test_a_reward_model_without_a_trained_score_head_or_with_two_labels_is_an_error(
@@ -634,42 +630,27 @@ def test_reward_functions_get_a_field_only_some_rows_have_as_none_where_missing(
 
 # ----------------------------------------------------------------------------- reliability: stop and resume
 def test_a_run_stopped_by_sigint_and_resumed_is_the_same_run_as_one_uninterrupted(
-    tiny_checkpoint, tiny_reward_model, tmp_path, monkeypatch
+    tiny_checkpoint, tiny_reward_model, tmp_path, monkeypatch, record_run
 ):
     """A real SIGINT during step 2 saves checkpoint-2 (policy and value model) and stops; --resume auto ends with the
     same weights of both and logs the same metrics of steps 3-4 (the adaptive KL coefficient too) as a run that was
     never stopped."""
     monkeypatch.chdir(tmp_path)
-    runs = []
-
-    class Recorder:
-        def __init__(self, interrupt_at):
-            self.logged, self.interrupt_at = {}, interrupt_at
-            runs.append(self.logged)
-
-        def add_scalar(self, tag, value, step):
-            self.logged[(tag, step)] = value
-            if (tag, step) == ("objective/scores", self.interrupt_at):
-                os.kill(os.getpid(), signal.SIGINT)
-
-        def __getattr__(self, name):
-            return lambda *args, **kwargs: None
-
-    interrupt_at = iter([None, 2, None])
-    monkeypatch.setattr(common, "setup_logging", lambda *args, **kwargs: Recorder(next(interrupt_at)))
     # 12 prompts, 8 a step: the second batch takes the rest of the first order and the start of a new one
     data = write_rows(tmp_path / "prompts.jsonl", [{"prompt": f"{i}+{i}="} for i in range(12)])
     options = dict(reward_model=tiny_reward_model, dataset=data, total_steps=4, target_kl=0.01, max_new_tokens=4)
+    whole = record_run()
     whole_policy, whole_value = ppo.main(
         tiny_args(tmp_path, tiny_checkpoint, output_dir=str(tmp_path / "whole"), **options)
     )
+    record_run(interrupt_at=("objective/scores", 2))
     with pytest.raises(SystemExit, match="stopped by SIGINT after step 2; continue with --resume auto"):
         ppo.main(tiny_args(tmp_path, tiny_checkpoint, output_dir=str(tmp_path / "stopped"), **options))
     assert [path.name for path in (tmp_path / "stopped").iterdir()] == ["checkpoint-2"]
+    resumed = record_run()
     policy, value_model = ppo.main(
         tiny_args(tmp_path, tiny_checkpoint, output_dir=str(tmp_path / "stopped"), resume="auto", **options)
     )
-    whole, resumed = runs[0], runs[2]
     later = {key: value for key, value in whole.items() if key[1] > 2 and key[0] != "charts/SPS"}
     assert {key: resumed[key] for key in later} == later and ("losses/value_loss", 4) in later
     assert whole[("objective/kl_coef", 4)] != whole[("objective/kl_coef", 1)]  # the controller's state was resumed

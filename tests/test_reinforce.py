@@ -1,6 +1,5 @@
 import itertools
 import os
-import signal
 
 import pytest
 import safetensors.torch
@@ -299,20 +298,18 @@ def test_float16_on_the_cpu_is_refused(tiny_checkpoint, tmp_path, monkeypatch):
 
 
 def test_the_output_folder_of_a_user_is_refused_or_written_into_and_the_user_files_are_kept(
-    tiny_checkpoint, tmp_path, monkeypatch
+    tiny_checkpoint, tmp_path, monkeypatch, users_file, refused_keeping
 ):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match="--output-dir .* holds files not written here"):
+    notes = users_file(tmp_path / "out" / "notes.txt")
+    with refused_keeping(notes, "--output-dir .* holds files not written here"):
         reinforce.main(small_args(tiny_checkpoint, tmp_path))
-    assert (tmp_path / "out" / "notes.txt").read_text() == "mine" and not (tmp_path / "runs").exists()
-    (tmp_path / "file").write_text("mine too")
-    with pytest.raises(ValueError, match="is a file"):
-        reinforce.main(small_args(tiny_checkpoint, tmp_path, output_dir=str(tmp_path / "file")))
-    assert (tmp_path / "file").read_text() == "mine too"
+    assert not (tmp_path / "runs").exists()
+    a_file = users_file(tmp_path / "file", "mine too")
+    with refused_keeping(a_file, "is a file"):
+        reinforce.main(small_args(tiny_checkpoint, tmp_path, output_dir=str(a_file)))
     reinforce.main(small_args(tiny_checkpoint, tmp_path, total_steps=1, overwrite_output_dir=True))
-    assert (tmp_path / "out" / "notes.txt").read_text() == "mine" and (tmp_path / "out" / "config.json").is_file()
+    assert notes.read_text() == "mine" and (tmp_path / "out" / "config.json").is_file()
 
 
 def test_a_reward_model_without_a_trained_head_or_with_two_labels_is_refused(tiny_checkpoint, tmp_path, monkeypatch):
@@ -375,26 +372,8 @@ def test_jsonl_data_default_length_fields_of_some_rows_and_the_eval_dataset(tiny
     assert [row["prompt"] for row in evaluated[-1]] == ["5+5=", "6+6=", "7+7="]
 
 
-def run_recording(args, monkeypatch, interrupt_at=None) -> dict:
-    """Run main with a recording writer; at step `interrupt_at` it sends this process a real SIGINT."""
-    logged = {}
-
-    class Recorder:
-        def add_scalar(self, tag, value, step):
-            logged[(tag, step)] = value
-            if step == interrupt_at and tag == "losses/policy_loss":
-                os.kill(os.getpid(), signal.SIGINT)
-
-        def __getattr__(self, name):
-            return lambda *args, **kwargs: None
-
-    monkeypatch.setattr(common, "setup_logging", lambda *args, **kwargs: Recorder())
-    reinforce.main(args)
-    return logged
-
-
 def test_a_run_stopped_by_sigint_and_resumed_ends_as_the_uninterrupted_run(
-    tiny_checkpoint, reward_model_path, tmp_path, monkeypatch
+    tiny_checkpoint, reward_model_path, tmp_path, monkeypatch, record_run
 ):
     monkeypatch.chdir(tmp_path)
     # 5 prompts, 2 a step: the data order is drawn again at step 3, right after the resume
@@ -404,16 +383,17 @@ def test_a_run_stopped_by_sigint_and_resumed_ends_as_the_uninterrupted_run(
     )
     options = dict(dataset=data, eval_dataset=held_out, reward_model=reward_model_path, beta=0.05, learning_rate=1e-3)
     options |= dict(total_steps=4, reward_funcs=())
-    full = run_recording(
-        small_args(tiny_checkpoint, tmp_path, output_dir=str(tmp_path / "full"), **options), monkeypatch
-    )
+    full = record_run()
+    reinforce.main(small_args(tiny_checkpoint, tmp_path, output_dir=str(tmp_path / "full"), **options))
     cut_args = small_args(tiny_checkpoint, tmp_path, output_dir=str(tmp_path / "cut"), **options)
+    record_run(interrupt_at=("losses/policy_loss", 2))
     with pytest.raises(SystemExit, match="stopped by SIGINT after step 2; continue with --resume auto"):
-        run_recording(cut_args, monkeypatch, interrupt_at=2)
+        reinforce.main(cut_args)
     assert (tmp_path / "cut" / "checkpoint-2" / "training_state.pt").is_file()
     assert not (tmp_path / "cut" / "config.json").exists()
     cut_args.resume = "auto"
-    resumed = run_recording(cut_args, monkeypatch)
+    resumed = record_run()
+    reinforce.main(cut_args)
     assert min(step for _, step in resumed) == 3  # no step-0 evaluation on a resumed run
     full_weights, resumed_weights = saved_weights(tmp_path / "full"), saved_weights(tmp_path / "cut")
     assert all(torch.equal(full_weights[name], resumed_weights[name]) for name in full_weights)

@@ -1,7 +1,6 @@
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -351,25 +350,23 @@ def test_float16_on_the_cpu_is_refused(tmp_path, monkeypatch, tiny_checkpoint):
 
 
 def test_an_output_dir_holding_a_users_files_is_refused_unless_overwrite_and_they_survive(
-    tmp_path, monkeypatch, tiny_checkpoint
+    tmp_path, monkeypatch, tiny_checkpoint, users_file, refused_keeping
 ):
     monkeypatch.chdir(tmp_path)
-    folder, notes = tmp_path / "mine", tmp_path / "mine" / "notes.txt"
-    folder.mkdir()
-    notes.write_text("keep me")
-    with pytest.raises(ValueError, match="holds files not written here") as error:
+    folder, notes = tmp_path / "mine", users_file(tmp_path / "mine" / "notes.txt", "keep me")
+    with refused_keeping(notes, "holds files not written here") as error:
         reward_model.main(run_args(tmp_path, tiny_checkpoint, output_dir=str(folder)))
-    assert "\n" not in str(error.value) and notes.read_text() == "keep me"
-    a_file = tmp_path / "a_file"
-    a_file.write_text("mine too")
-    with pytest.raises(ValueError, match="is a file, not a folder"):
+    assert "\n" not in str(error.value)
+    a_file = users_file(tmp_path / "a_file", "mine too")
+    with refused_keeping(a_file, "is a file, not a folder"):
         reward_model.main(run_args(tmp_path, tiny_checkpoint, output_dir=str(a_file)))
-    assert a_file.read_text() == "mine too"
     reward_model.main(run_args(tmp_path, tiny_checkpoint, output_dir=str(folder), overwrite_output_dir=True))
     assert (folder / "config.json").is_file() and notes.read_text() == "keep me"
 
 
-def test_a_run_stopped_by_sigint_and_resumed_ends_as_one_uninterrupted_run(tmp_path, monkeypatch, tiny_checkpoint):
+def test_a_run_stopped_by_sigint_and_resumed_ends_as_one_uninterrupted_run(
+    tmp_path, monkeypatch, tiny_checkpoint, record_run
+):
     """SIGINT during step 2 saves checkpoint-2 and exits; --resume auto then ends with the same weights and logs the
     same metrics at steps 3..5 as a run that was never stopped (11 training pairs, 8 a step: the data order, its
     reshuffles and the optimizer must all continue where they were)."""
@@ -377,26 +374,14 @@ def test_a_run_stopped_by_sigint_and_resumed_ends_as_one_uninterrupted_run(tmp_p
     rows = [{**row, "margin": index / 10} for index, row in enumerate(tasks.arithmetic_preference_pairs(12))]
     data = tmp_path / "pairs.jsonl"
     data.write_text("\n".join(json.dumps(row) for row in rows))
-    logged, interrupt_at = {}, []
-
-    class Recorder:
-        def add_scalar(self, tag, value, step):
-            logged[(tag, step)] = value
-            if tag == "losses/loss" and step in interrupt_at:
-                interrupt_at.remove(step)
-                os.kill(os.getpid(), signal.SIGINT)
-
-        def __getattr__(self, name):
-            return lambda *args, **kwargs: None
 
     def after_step_2(scalars):
         return {key: value for key, value in scalars.items() if key[1] > 2 and key[0] != "charts/SPS"}
 
-    monkeypatch.setattr(common, "setup_logging", lambda *args, **kwargs: Recorder())
     flags = dict(dataset=str(data), total_steps=5, eval_every=2, micro_batch_size=4)
+    whole = record_run()
     reward_model.main(run_args(tmp_path, tiny_checkpoint, output_dir=str(tmp_path / "whole"), **flags))
-    whole, logged = dict(logged), {}
-    interrupt_at.append(2)
+    logged = record_run(interrupt_at=("losses/loss", 2))  # the stopped run and its resumption log into one dict
     with pytest.raises(SystemExit, match="stopped by SIGINT after step 2; continue with --resume auto"):
         reward_model.main(run_args(tmp_path, tiny_checkpoint, output_dir=str(tmp_path / "parts"), **flags))
     assert (tmp_path / "parts" / "checkpoint-2" / "training_state.pt").is_file()

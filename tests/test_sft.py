@@ -1,5 +1,3 @@
-import os
-import signal
 from collections import Counter
 from unittest import mock
 
@@ -210,20 +208,19 @@ def test_float16_on_the_cpu_is_refused(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_the_output_folder_of_a_user_is_refused_unless_asked_and_its_files_survive(tmp_path, monkeypatch):
+def test_the_output_folder_of_a_user_is_refused_unless_asked_and_its_files_survive(
+    tmp_path, monkeypatch, users_file, refused_keeping
+):
     monkeypatch.chdir(tmp_path)
-    folder = tmp_path / "ckpt"
-    folder.mkdir()
-    (folder / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match="holds files not written here .*'notes.txt'.*--overwrite-output-dir"):
+    notes = users_file(tmp_path / "ckpt" / "notes.txt")
+    with refused_keeping(notes, "holds files not written here .*'notes.txt'.*--overwrite-output-dir"):
         sft.main(tiny_run_args(tmp_path))
-    assert (folder / "notes.txt").read_text() == "mine" and not (tmp_path / "runs").exists()
-    (tmp_path / "a_file").write_text("mine too")
-    with pytest.raises(ValueError, match="is a file"):
-        sft.main(tiny_run_args(tmp_path, output_dir=str(tmp_path / "a_file")))
-    assert (tmp_path / "a_file").read_text() == "mine too"
+    assert not (tmp_path / "runs").exists()
+    a_file = users_file(tmp_path / "a_file", "mine too")
+    with refused_keeping(a_file, "is a file"):
+        sft.main(tiny_run_args(tmp_path, output_dir=str(a_file)))
     sft.main(tiny_run_args(tmp_path, overwrite_output_dir=True))
-    assert (folder / "notes.txt").read_text() == "mine" and (folder / "model.safetensors").is_file()
+    assert notes.read_text() == "mine" and (tmp_path / "ckpt" / "model.safetensors").is_file()
 
 
 def test_eval_dataset_gives_the_greedy_accuracy_on_a_file(tmp_path, monkeypatch, logged_scalars):
@@ -235,35 +232,18 @@ def test_eval_dataset_gives_the_greedy_accuracy_on_a_file(tmp_path, monkeypatch,
     assert 0.0 <= logged_scalars[("charts/eval_accuracy", 3)] <= 1.0 and ("charts/eval_loss", 3) in logged_scalars
 
 
-class InterruptedRecorder:
-    """A TensorBoard stand-in that keeps every scalar and sends this process a real SIGINT at `interrupt_at`."""
-
-    def __init__(self, logged: dict, interrupt_at=None):
-        self.logged, self.interrupt_at = logged, interrupt_at
-
-    def add_scalar(self, tag, value, step):
-        self.logged[(tag, step)] = value
-        if (tag, step) == self.interrupt_at:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
-
-
-def test_a_run_stopped_by_sigint_and_resumed_ends_like_an_uninterrupted_run(tmp_path, monkeypatch):
+def test_a_run_stopped_by_sigint_and_resumed_ends_like_an_uninterrupted_run(tmp_path, monkeypatch, record_run):
     monkeypatch.chdir(tmp_path)
     # 6 demonstrations in batches of 4: the interruption falls inside a pass, so the order and generator must resume
     flags = dict(num_demonstrations=6, batch_size=4, total_steps=5, eval_every=2, save_every=0, warmup_steps=1)
-    whole, interrupted, resumed = {}, {}, {}
-    monkeypatch.setattr(common, "setup_logging", lambda *args, **kwargs: InterruptedRecorder(whole))
+    whole = record_run()
     sft.main(tiny_run_args(tmp_path, output_dir=str(tmp_path / "whole"), **flags))
-    recorder = InterruptedRecorder(interrupted, interrupt_at=("losses/sft_loss", 2))
-    monkeypatch.setattr(common, "setup_logging", lambda *args, **kwargs: recorder)
+    interrupted = record_run(interrupt_at=("losses/sft_loss", 2))
     with pytest.raises(SystemExit, match="stopped by SIGINT after step 2; continue with --resume auto"):
         sft.main(tiny_run_args(tmp_path, output_dir=str(tmp_path / "run"), **flags))
     assert (tmp_path / "run" / "checkpoint-2" / "training_state.pt").is_file()
     assert not (tmp_path / "run" / "model.safetensors").exists() and ("losses/sft_loss", 3) not in interrupted
-    monkeypatch.setattr(common, "setup_logging", lambda *args, **kwargs: InterruptedRecorder(resumed))
+    resumed = record_run()
     sft.main(tiny_run_args(tmp_path, output_dir=str(tmp_path / "run"), resume="auto", **flags))
     expected, final = (safetensors.torch.load_file(tmp_path / f / "model.safetensors") for f in ("whole", "run"))
     assert expected.keys() == final.keys() and all(torch.equal(expected[name], final[name]) for name in expected)
