@@ -68,13 +68,13 @@ class Args:
     """wrap each prompt in the tokenizer's chat template (when it has one)"""
     max_new_tokens: int | None = None
     """completion tokens sampled per prompt; default digits + 2 on arithmetic, else min(64, model positions / 2)"""
-    eval_every: int = 20
+    eval_every: int = 50
     """evaluate held-out greedy accuracy every this many steps (also before the first and after the last)"""
     eval_size: int = 500
     """held-out problems to evaluate on"""
 
     # PPO
-    total_steps: int = 200
+    total_steps: int = 500
     """PPO iterations; each samples --batch-size completions and updates on them"""
     batch_size: int = 64
     """prompts (one completion each) per rollout, over all processes"""

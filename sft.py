@@ -56,7 +56,7 @@ class Args:
     """attention heads of the `tiny` model"""
     dataset: str = tasks.ARITHMETIC
     """`arithmetic` (built-in addition task), a prompt/completion .jsonl file, or a Hugging Face dataset id"""
-    num_demonstrations: int | None = 500
+    num_demonstrations: int | None = 400
     """N demonstrations, cycled: on arithmetic N distinct problems, on a file its first N rows (all when it has fewer);
     None: every row, and on arithmetic a new problem for every example"""
     eval_dataset: str | None = None

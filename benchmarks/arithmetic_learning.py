@@ -37,6 +37,8 @@ import tasks  # noqa: E402
 
 RUNS = ("sft", "grpo", "reinforce", "ppo_exact", "reward_model", "ppo_reward_model", "dpo", "dpo_without_nll")
 RUNS += ("dpo_nll_only", "sft_same_time")
+# the defaults on a task they were not tuned on: 2-digit subtraction given as JSONL files
+VARIANT_RUNS = ("variant_sft", "variant_grpo", "variant_ppo")
 BUDGET_MINUTES = {"grpo": 5, "reinforce": 5, "ppo_exact": 8, "ppo_reward_model": 8, "dpo": 5, "dpo_without_nll": 5}
 BUDGET_MINUTES |= {"dpo_nll_only": 5, "sft_same_time": 5, "reward_model": 5}
 TARGET_GAIN = {"grpo": 0.25, "ppo_exact": 0.20, "ppo_reward_model": 0.10, "dpo": 0.10}
@@ -46,8 +48,9 @@ DPO_OPTIMISER = ["--learning-rate", "3e-4", "--weight-decay", "0.01", "--warmup-
 
 @dataclass
 class Args:
-    runs: tuple[str, ...] = RUNS
-    """which runs (and what they need first: every RL run needs `sft`, ppo_reward_model needs `reward_model`)"""
+    runs: tuple[str, ...] = RUNS + VARIANT_RUNS
+    """which runs (and what they need first: every RL run needs `sft`, ppo_reward_model needs `reward_model`; the
+    variant_* runs: subtraction as JSONL files, sft first)"""
     seeds: tuple[int, ...] = (1, 2, 3)
     force: bool = False
     """train again runs whose results are already in checkpoints/arithmetic_learning/"""
@@ -58,6 +61,25 @@ class Args:
 
 
 WORK = harness.ROOT / "checkpoints" / "arithmetic_learning"
+
+
+def write_variant(folder: Path) -> dict[str, Path]:
+    """2-digit subtraction `a-b=` (a >= b) as JSONL: a prompt/answer file whose first tenth (the rows grpo.py and
+    ppo.py hold out) is also the eval file, and a prompt/completion file of the other problems for sft.py."""
+    import random
+
+    problems = [{"prompt": f"{a}-{b}=", "answer": str(a - b)} for a in range(100) for b in range(a + 1)]
+    random.Random(0).shuffle(problems)
+    held_out = len(problems) // 10
+    files = {
+        "rl": problems,
+        "eval": problems[:held_out],
+        "sft": [{"prompt": row["prompt"], "completion": row["answer"]} for row in problems[held_out:]],
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, rows in files.items():
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return {name: folder / f"{name}.jsonl" for name in files}
 
 
 def run_flags(name: str, seed: int, folder: Path, args: Args) -> tuple[str, list[str]]:
@@ -75,6 +97,12 @@ def run_flags(name: str, seed: int, folder: Path, args: Args) -> tuple[str, list
         "dpo_without_nll": ("dpo.py", ["--model", sft, "--sft-coef", "0"]),
         "dpo_nll_only": ("sft.py", ["--model", sft, "--num-demonstrations", "None", "--total-steps", "3000"]),
         "sft_same_time": ("sft.py", ["--model", sft, "--total-steps", str(args.sft_same_time_steps)]),
+    }
+    variant, variant_sft = write_variant(WORK / "variant_data"), str(folder / "variant_sft" / "model")
+    flags |= {
+        "variant_sft": ("sft.py", ["--dataset", str(variant["sft"]), "--eval-dataset", str(variant["eval"])]),
+        "variant_grpo": ("grpo.py", ["--model", variant_sft, "--dataset", str(variant["rl"])]),
+        "variant_ppo": ("ppo.py", ["--model", variant_sft, "--dataset", str(variant["rl"]), "--reward-fn", "math"]),
     }
     script, extra = flags[name]
     if name == "dpo_nll_only":
@@ -141,17 +169,18 @@ def summarise(name: str, run: dict) -> dict:
 
 
 def main(args: Args) -> None:
-    unknown = set(args.runs) - set(RUNS)
+    unknown = set(args.runs) - set(RUNS + VARIANT_RUNS)
     if unknown:
         raise SystemExit(f"unknown --runs {sorted(unknown)}; choose from {RUNS}")
     for seed in args.seeds:
         folder = WORK / f"seed-{seed}"
-        for name in RUNS:
+        for name in RUNS + VARIANT_RUNS:
             result_file = folder / name / "result.json"
             if name not in args.runs or (result_file.is_file() and not args.force):
                 continue
-            if name != "sft" and not (folder / "sft" / "result.json").is_file():
-                raise SystemExit(f"{name} starts from the SFT model of seed {seed}: add `sft` to --runs")
+            first = "variant_sft" if name.startswith("variant_") else "sft"
+            if name != first and not (folder / first / "result.json").is_file():
+                raise SystemExit(f"{name} starts from the SFT model of seed {seed}: add `{first}` to --runs")
             if name == "ppo_reward_model" and not (folder / "reward_model" / "result.json").is_file():
                 raise SystemExit(
                     f"ppo_reward_model needs the reward model of seed {seed}: add `reward_model` to --runs"
@@ -242,11 +271,41 @@ def write_tables() -> None:
         + "\n![held-out accuracy against wall time](arithmetic_learning.png)\n\n## Commands (seed 1)\n\n"
         + "\n".join(f"- {name}: `{results[name][0]['command']}`" for name in RUNS if name in results)
         + "\n"
+        + variant_section(results)
     )
     harness.write_result("arithmetic_learning.md", text)
     harness.write_result("arithmetic_learning.json", json.dumps(summary, indent=1) + "\n")
     sft_start = summary.get("sft", {}).get("final_accuracy")
     plot(curves, sft_start, harness.RESULTS / "arithmetic_learning.png")
+
+
+def variant_section(results: dict) -> str:
+    """The defaults on a task they were not tuned on: how far each evaluation of the first half of a default run
+    falls below the start."""
+    rows = []
+    for name in ("variant_grpo", "variant_ppo"):
+        for run in sorted(results.get(name, []), key=lambda run: run["seed"]):
+            curve = run["curve"]
+            start, last_step = curve[0][2], curve[-1][0]
+            first_half = [value for step, _, value in curve if 0 < step <= last_step / 2]
+            drop = start - min(first_half)
+            rows.append([name, run["seed"], f"{start:.3f}", " ".join(f"{v:.3f}" for v in first_half), f"{drop:+.3f}"])
+            rows[-1] += [f"{run['final_accuracy']:.3f}", "yes" if drop <= 0.03 else "no"]
+    if not rows:
+        return ""
+    headers = ["run", "seed", "start", "evaluations in the first half", "largest fall", "final", "fall <= 3 points"]
+    commands = "\n".join(
+        f"- {n}: `{results[n][0]['command']}`" for n in ("variant_sft", *VARIANT_RUNS[1:]) if n in results
+    )
+    return (
+        "\n## The defaults on another task: 2-digit subtraction as JSONL\n\n`sft.py` on a prompt/completion file (its "
+        "default 500 demonstrations), then `grpo.py` and `ppo.py --reward-fn math` with default flags on the "
+        "prompt/answer file, whose first tenth is held out (accuracy: the final number against the answer).\n\n"
+        + harness.markdown_table(headers, rows)
+        + "\n"
+        + commands
+        + "\n"
+    )
 
 
 def remove_previous_output(folder: Path) -> None:
