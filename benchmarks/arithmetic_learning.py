@@ -25,7 +25,7 @@ later invocation with other --runs adds to the same tables (a run is trained aga
 import json
 import statistics
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import tyro
@@ -56,8 +56,8 @@ class Args:
     """train again runs whose results are already in checkpoints/arithmetic_learning/"""
     sft_same_time_steps: int = 6000
     """steps of the continued SFT run (about five minutes of sft.py on 2 cores)"""
-    extra_flags: dict[str, str] = field(default_factory=dict)
-    """more flags for a run, e.g. --extra-flags grpo "--learning-rate 1e-4" (a sweep; not the benchmark's defaults)"""
+    extra_flags: tuple[str, ...] = ()
+    """more flags for a run, as `run: flags`, e.g. --extra-flags "grpo: --learning-rate 1e-4" (a sweep)"""
 
 
 WORK = harness.ROOT / "checkpoints" / "arithmetic_learning"
@@ -107,7 +107,8 @@ def run_flags(name: str, seed: int, folder: Path, args: Args) -> tuple[str, list
     script, extra = flags[name]
     if name == "dpo_nll_only":
         extra += DPO_OPTIMISER
-    return script, base + extra + args.extra_flags.get(name, "").split()
+    more = [flags.split() for run, _, flags in (item.partition(":") for item in args.extra_flags) if run == name]
+    return script, base + extra + sum(more, [])
 
 
 def accuracy_curve(run: dict, name: str) -> list[tuple[int, float, float]]:
@@ -189,7 +190,8 @@ def main(args: Args) -> None:
             print(f"== seed {seed}, {name}: python {script} {' '.join(flags)}", flush=True)
             remove_previous_output(folder / name / "model")
             run = harness.run_script(script, flags, echo=False)
-            summary = summarise(name, run) | {"command": f"python {script} {' '.join(flags)}", "seed": seed}
+            command = f"python {script} {' '.join(flags)}".replace(f"{harness.ROOT}/", "")  # paths from the repository
+            summary = summarise(name, run) | {"command": command, "seed": seed}
             if name == "reward_model":
                 sft = str(folder / "sft" / "model")
                 summary["policy_sample_accuracy"] = policy_sample_accuracy(str(folder / name / "model"), sft)
@@ -299,7 +301,7 @@ def variant_section(results: dict) -> str:
     )
     return (
         "\n## The defaults on another task: 2-digit subtraction as JSONL\n\n`sft.py` on a prompt/completion file (its "
-        "default 500 demonstrations), then `grpo.py` and `ppo.py --reward-fn math` with default flags on the "
+        "default 400 demonstrations), then `grpo.py` and `ppo.py --reward-fn math` with default flags on the "
         "prompt/answer file, whose first tenth is held out (accuracy: the final number against the answer).\n\n"
         + harness.markdown_table(headers, rows)
         + "\n"

@@ -72,8 +72,8 @@ class Args:
     """train again runs whose results are already in checkpoints/smollm2_learning/"""
     validation: bool = False
     """evaluate on 100 problems of the training split instead of the held-out set (for choosing hyper-parameters)"""
-    extra_flags: dict[str, str] | None = None
-    """more flags for a run, e.g. --extra-flags grpo "--learning-rate 1e-5" (a sweep, with --validation)"""
+    extra_flags: tuple[str, ...] = ()
+    """more flags for a run, as `run: flags`, e.g. --extra-flags "grpo: --learning-rate 2e-5" (with --validation)"""
     grpo_steps: int = 200
     ppo_steps: int = 100
     reward_model_steps: int = 400
@@ -189,7 +189,8 @@ def run_command(name: str, data: dict[str, Path], out: Path, args: Args) -> tupl
     script, flags = commands[name]
     if not script.startswith("benchmarks/"):
         flags = ["--model", model, *CHAT, *seed, "--output-dir", str(out / "model"), *flags]
-    return script, flags + (args.extra_flags or {}).get(name, "").split()
+    more = [extra.split() for run, _, extra in (item.partition(":") for item in args.extra_flags) if run == name]
+    return script, flags + sum(more, [])
 
 
 def step_seconds(scalars: dict, tag: str) -> float:
@@ -341,7 +342,8 @@ def main(args: Args) -> None:
         script, flags = run_command(name, data, out, args)
         print(f"== {name}: python {script} {' '.join(flags)}", flush=True)
         run = harness.run_script(script, flags, echo=False)
-        result = {"command": f"python {script} {' '.join(flags)}", "wall_s": run["wall_s"], "seed": args.seed}
+        command = f"python {script} {' '.join(flags)}".replace(f"{harness.ROOT}/", "")  # paths from the repository
+        result = {"command": command, "wall_s": run["wall_s"], "seed": args.seed}
         result["peak_rss_mb"] = run["peak_rss_mb"]
         scalars = run["scalars"]
         if name.startswith("trl_"):
