@@ -83,7 +83,7 @@ class Args:
     """tokens generated per completion; default digits + 2 on arithmetic, else 256, at most half the positions"""
     temperature: float = 1.0
     """sampling temperature; every log-prob is computed at the same temperature"""
-    learning_rate: float = 3e-5
+    learning_rate: float = 6e-5
     """peak learning rate of AdamW; small on purpose (docs/grpo.md, "Why the learning rate is small")"""
     warmup_steps: int = 0
     """optimizer steps of linear warm-up (the rate reaches its peak at the last one), then linear decay to 0"""

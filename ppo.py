@@ -82,7 +82,7 @@ class Args:
     """passes over each rollout"""
     num_minibatches: int = 4
     """minibatches per pass, reshuffled every epoch; must divide --batch-size (per process under torchrun)"""
-    learning_rate: float = 2e-5
+    learning_rate: float = 4e-5
     """AdamW learning rate of the policy, decayed linearly to 0 (small on purpose: docs/ppo.md)"""
     value_learning_rate: float = 1e-3
     """AdamW learning rate of the value model, decayed linearly to 0 (the critic must track a moving target)"""
@@ -90,7 +90,7 @@ class Args:
     """clip the global gradient norm of policy + value model"""
     temperature: float = 0.7
     """sampling temperature; every log-prob (old, reference, new) is taken at the same temperature"""
-    kl_coef: float = 0.05
+    kl_coef: float = 0.01
     """beta: weight of the per-token KL penalty in the reward (the starting value with --target-kl)"""
     kl_estimator: Literal["k1", "k3"] = "k1"
     """per-token KL: k1 = logp - ref_logp (unbiased), k3 = exp(ref - logp) - (ref - logp) - 1 (unbiased and >= 0)"""

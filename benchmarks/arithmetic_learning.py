@@ -3,7 +3,7 @@
     python benchmarks/arithmetic_learning.py                      # every run, seeds 1 2 3 (about 2.5 hours on 2 cores)
     python benchmarks/arithmetic_learning.py --runs sft grpo --seeds 1
 
-For each seed S: `sft.py --seed S` with default flags (a few thousand distinct worked problems, cycled), then from
+For each seed S: `sft.py --seed S` with default flags (400 distinct worked problems, cycled), then from
 that checkpoint, each with its script's default flags:
 
     grpo              grpo.py (exact-match reward on prompts of the whole training split)
@@ -58,9 +58,46 @@ class Args:
     """steps of the continued SFT run (about five minutes of sft.py on 2 cores)"""
     extra_flags: tuple[str, ...] = ()
     """more flags for a run, as `run: flags`, e.g. --extra-flags "grpo: --learning-rate 1e-4" (a sweep)"""
+    validation: bool = False
+    """evaluate on 500 problems of the training split that are neither sft.py's demonstrations nor RL prompts instead
+    of the held-out set (for choosing hyper-parameters; see write_validation); results kept apart, in
+    checkpoints/arithmetic_learning/validation/ and benchmarks/results/arithmetic_learning_validation.*"""
 
 
 WORK = harness.ROOT / "checkpoints" / "arithmetic_learning"
+VALIDATION_SIZE = 500
+
+
+def write_validation(folder: Path) -> dict[str, Path]:
+    """The data hyper-parameters are chosen on: VALIDATION_SIZE distinct problems of the training split that are not
+    among sft.py's default demonstrations (`eval`, for --eval-dataset), and every training problem as prompt/answer
+    JSONL with those first (`rl`): the RL scripts hold a file's first --eval-size rows out of training and evaluate on
+    them, so the validation problems are never RL prompts either."""
+    import random
+
+    demonstrations = {row["prompt"] for row in tasks.arithmetic_demonstrations(400)}
+    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(100) for b in range(100)]
+    rows = [row for row in rows if not tasks.is_held_out(*map(int, row["prompt"][:-1].split("+")))]
+    random.Random(7).shuffle(rows)
+    validation = [row for row in rows if row["prompt"] not in demonstrations][:VALIDATION_SIZE]
+    rest = [row for row in rows if row not in validation]
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"eval": folder / "validation.jsonl", "rl": folder / "rl_validation_first.jsonl"}
+    for name, lines in (("eval", validation), ("rl", validation + rest)):
+        paths[name].write_text("".join(json.dumps(row) + "\n" for row in lines))
+    return paths
+
+
+def validation_flags(name: str, folder: Path) -> list[str]:
+    """--validation: the RL runs train on the training problems but the validation ones and evaluate on those (the
+    arithmetic settings given explicitly, as a .jsonl file gets other defaults); the others evaluate on them."""
+    data = write_validation(folder)
+    exact = ["--reward-funcs", "arithmetic", "--max-completion-length", "4"]
+    flags = {"grpo": exact, "reinforce": exact, "ppo_exact": ["--reward-fn", "arithmetic", "--max-new-tokens", "4"]}
+    flags["ppo_reward_model"] = ["--max-new-tokens", "4"]
+    if name in flags:
+        return ["--dataset", str(data["rl"])] + flags[name]
+    return [] if name == "reward_model" else ["--eval-dataset", str(data["eval"])]
 
 
 def write_variant(folder: Path) -> dict[str, Path]:
@@ -107,6 +144,8 @@ def run_flags(name: str, seed: int, folder: Path, args: Args) -> tuple[str, list
     script, extra = flags[name]
     if name == "dpo_nll_only":
         extra += DPO_OPTIMISER
+    if args.validation and not name.startswith("variant_"):
+        extra += validation_flags(name, folder.parent)
     more = [flags.split() for run, _, flags in (item.partition(":") for item in args.extra_flags) if run == name]
     return script, base + extra + sum(more, [])
 
@@ -173,8 +212,9 @@ def main(args: Args) -> None:
     unknown = set(args.runs) - set(RUNS + VARIANT_RUNS)
     if unknown:
         raise SystemExit(f"unknown --runs {sorted(unknown)}; choose from {RUNS}")
+    work = WORK / "validation" if args.validation else WORK
     for seed in args.seeds:
-        folder = WORK / f"seed-{seed}"
+        folder = work / f"seed-{seed}"
         for name in RUNS + VARIANT_RUNS:
             result_file = folder / name / "result.json"
             if name not in args.runs or (result_file.is_file() and not args.force):
@@ -201,13 +241,13 @@ def main(args: Args) -> None:
                 f"   {summary['start_accuracy']:.3f} -> {summary['final_accuracy']:.3f}, {run['wall_s']:.0f} s",
                 flush=True,
             )
-    write_tables()
+    write_tables(work, "_validation" if args.validation else "")
 
 
-def write_tables() -> None:
-    """benchmarks/results/arithmetic_learning.{md,json,png} from every result under checkpoints/arithmetic_learning/."""
+def write_tables(work: Path, suffix: str = "") -> None:
+    """benchmarks/results/arithmetic_learning{suffix}.{md,json,png} from every result under `work`."""
     results = {}
-    for path in sorted(WORK.glob("seed-*/*/result.json")):
+    for path in sorted(work.glob("seed-*/*/result.json")):
         results.setdefault(path.parent.name, []).append(json.loads(path.read_text()))
     if not results:
         return
@@ -264,7 +304,13 @@ def write_tables() -> None:
         )
     text = (
         "# The built-in task: SFT from a budget of demonstrations, then RL\n\n"
-        "`python benchmarks/arithmetic_learning.py` on a 2-core CPU, every run alone, default flags of each script "
+        + (
+            "**Validation: accuracy on 500 problems of the training split that are neither demonstrations nor RL "
+            "prompts (for choosing hyper-parameters), not on the held-out set.**\n\n"
+            if suffix
+            else ""
+        )
+        + "`python benchmarks/arithmetic_learning.py` on a 2-core CPU, every run alone, default flags of each script "
         "(commands below). `start` is the SFT model's accuracy (for `sft`: the untrained model's, 0), `final` the last "
         "evaluation, `minutes` the whole process (loading, evaluations and saving included), `final KL` the KL to the "
         "starting model at the end (PPO: nats per sequence; GRPO/REINFORCE with --beta: per token).\n\n"
@@ -275,10 +321,10 @@ def write_tables() -> None:
         + "\n"
         + variant_section(results)
     )
-    harness.write_result("arithmetic_learning.md", text)
-    harness.write_result("arithmetic_learning.json", json.dumps(summary, indent=1) + "\n")
+    harness.write_result(f"arithmetic_learning{suffix}.md", text)
+    harness.write_result(f"arithmetic_learning{suffix}.json", json.dumps(summary, indent=1) + "\n")
     sft_start = summary.get("sft", {}).get("final_accuracy")
-    plot(curves, sft_start, harness.RESULTS / "arithmetic_learning.png")
+    plot(curves, sft_start, harness.RESULTS / f"arithmetic_learning{suffix}.png")
 
 
 def variant_section(results: dict) -> str:

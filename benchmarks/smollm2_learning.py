@@ -11,6 +11,7 @@ fixed set of 200 held-out problems, one evaluation (common.evaluate_accuracy, gr
 from the instruct model:
 
     grpo              grpo.py, the verifiable reward                        grpo_beta   the same with --beta 0.04
+    reinforce         reinforce.py (leave-one-out baseline), the same reward, prompts and batch shapes as grpo
     ppo_exact         ppo.py --reward-fn math
     reward_model      reward_model.py on preference pairs of the task (the correct answer in the style the trained
                       policy answers, `51 + 29 = 80.`, against a near miss by one or by ten, a far-off number, or a
@@ -57,7 +58,7 @@ RAMBLING = (
     "We know that there are {a} at first and {b} more, so we need to",
 )
 KINDS = ("off by one", "off by ten", "far off", "rambling")
-RUNS = ("grpo", "grpo_beta", "ppo_exact", "reward_model", "ppo_reward_model", "dpo", "dpo_nll_only")
+RUNS = ("grpo", "grpo_beta", "reinforce", "ppo_exact", "reward_model", "ppo_reward_model", "dpo", "dpo_nll_only")
 RUNS += ("trl_grpo", "trl_dpo", "trl_reward_model", "flops")
 NEW_TOKENS = 24
 CHAT = ["--chat-template"]
@@ -74,7 +75,7 @@ class Args:
     """evaluate on 100 problems of the training split instead of the held-out set (for choosing hyper-parameters)"""
     extra_flags: tuple[str, ...] = ()
     """more flags for a run, as `run: flags`, e.g. --extra-flags "grpo: --learning-rate 2e-5" (with --validation)"""
-    grpo_steps: int = 200
+    grpo_steps: int = 120
     ppo_steps: int = 100
     reward_model_steps: int = 400
     dpo_steps: int = 300
@@ -141,9 +142,10 @@ def run_command(name: str, data: dict[str, Path], out: Path, args: Args) -> tupl
     """(script, flags) of one run. Shared shapes: GRPO 4 prompts x 8 completions, PPO 16 prompts, 8 pairs per step."""
     model, seed = str(MODEL), ["--seed", str(args.seed)]
     evaluation = ["--eval-dataset", str(data["validation" if args.validation else "eval"]), "--eval-size", "200"]
-    grpo = ["--dataset", str(data["train"]), "--reward-funcs", "math", "--group-size", "8", "--batch-size", "32"]
-    grpo += ["--micro-batch-size", "32", "--max-completion-length", str(NEW_TOKENS), "--learning-rate", "1e-5"]
-    grpo += ["--total-steps", str(args.grpo_steps), "--eval-every", "20", "--save-every", "0"]
+    reinforce = ["--dataset", str(data["train"]), "--reward-funcs", "math", "--group-size", "8", "--batch-size", "32"]
+    reinforce += ["--max-completion-length", str(NEW_TOKENS), "--learning-rate", "1e-5"]
+    reinforce += ["--total-steps", str(args.grpo_steps), "--eval-every", "20", "--save-every", "0"]
+    grpo = reinforce + ["--micro-batch-size", "32"]
     ppo = ["--dataset", str(data["train"]), "--batch-size", "16", "--num-minibatches", "2", "--learning-rate", "3e-6"]
     ppo += ["--max-new-tokens", str(NEW_TOKENS), "--total-steps", str(args.ppo_steps), "--eval-every", "10"]
     ppo += ["--temperature", "1.0", "--save-every", "0"]
@@ -156,6 +158,7 @@ def run_command(name: str, data: dict[str, Path], out: Path, args: Args) -> tupl
     commands = {
         "grpo": ("grpo.py", grpo + evaluation),
         "grpo_beta": ("grpo.py", grpo + evaluation + ["--beta", "0.04"]),
+        "reinforce": ("reinforce.py", reinforce + evaluation),
         "ppo_exact": ("ppo.py", ppo + evaluation + ["--reward-fn", "math"]),
         "ppo_reward_model": ("ppo.py", ppo + evaluation + ["--reward-model", str(WORK / "reward_model" / "model")]),
         "reward_model": ("reward_model.py", reward_model),
@@ -171,18 +174,21 @@ def run_command(name: str, data: dict[str, Path], out: Path, args: Args) -> tupl
             "benchmarks/trl_runners.py",
             ["grpo", "--dataset", str(data["train"]), "--reward", "math", "--batch-size", "4", "--group-size", "8"]
             + ["--max-completion-length", str(NEW_TOKENS), "--learning-rate", "1e-5", "--steps", str(args.grpo_steps)]
+            + ["--held-out", "200"]  # the rows grpo.py holds out (--eval-size)
             + trl,
         ),
         "trl_dpo": (
             "benchmarks/trl_runners.py",
             ["dpo", "--dataset", str(data["pairs"]), "--batch-size", "8", "--learning-rate", "1e-6"]
             + ["--steps", str(args.dpo_steps), "--warmup-steps", "10"]
+            + ["--dpo-sft-coef", "1.0", "--weight-decay", "0.01"]  # dpo.py's defaults: the NLL term, AdamW's decay
             + trl,
         ),
         "trl_reward_model": (
             "benchmarks/trl_runners.py",
             ["reward_model", "--dataset", str(data["pairs"]), "--batch-size", "8", "--learning-rate", "1e-5"]
             + ["--steps", str(args.reward_model_steps), "--warmup-steps", "20"]
+            + ["--held-out", "200", "--center-rewards-coefficient", "0.01"]  # as reward_model.py trains
             + trl,
         ),
     }
@@ -238,15 +244,16 @@ def sequence_kl(path: Path, problems: list[dict], samples: int = 4) -> float:
     return statistics.mean(kls)
 
 
-def pair_accuracy_by_kind(path: Path, pairs_file: Path) -> dict[str, float]:
-    """A reward model's held-out pair accuracy, overall and per kind of rejection, scored as reward_model.py does."""
+def pair_accuracy_by_kind(path: Path, pairs_file: Path, limit: int | None = None) -> dict[str, float]:
+    """A reward model's pair accuracy on the first `limit` pairs of `pairs_file`, overall and per kind of rejection,
+    scored as reward_model.py does."""
     from transformers import AutoModelForSequenceClassification
 
     import reward_model
 
     tokenizer = common.load_tokenizer(str(path), padding_side="right")
     model = common.load_model(str(path), AutoModelForSequenceClassification, trained_head="score").eval()
-    rows = tasks.read_jsonl(str(pairs_file), ("prompt", "chosen", "rejected", "kind"))
+    rows = tasks.read_jsonl(str(pairs_file), ("prompt", "chosen", "rejected", "kind"))[:limit]
     tokenized = [reward_model.tokenize_pair(tokenizer, row, 512, chat_template=True)[:2] for row in rows]
     chosen, rejected = reward_model.score_dataset(model, tokenized, tokenizer.pad_token_id, model.device, 64)
     right = (chosen > rejected).tolist()
@@ -358,7 +365,9 @@ def main(args: Args) -> None:
                 ]
         result["train_minutes"] = result["seconds_per_step"] * result["steps"] / 60
         if name in ("reward_model", "trl_reward_model"):
-            result["pair_accuracy"] = pair_accuracy_by_kind(out / "model", data["eval_pairs"])
+            # validation: the first 200 training pairs, which reward_model.py holds out of its training (--eval-size)
+            pairs = (data["pairs"], 200) if args.validation else (data["eval_pairs"], None)
+            result["pair_accuracy"] = pair_accuracy_by_kind(out / "model", *pairs)
         else:
             accuracy, completions = evaluate_model(out / "model", problems)
             result |= {"final_accuracy": accuracy, "samples": samples_of(problems, completions)}

@@ -52,8 +52,17 @@ class Args:
     epsilon: float = 0.2
     # DPO
     dpo_beta: float = 0.1
+    dpo_sft_coef: float = 0.0
+    """weight of the NLL of the chosen completions (TRL's loss_type `sft`, the token mean over the batch), as dpo.py's
+    --sft-coef; 0: plain sigmoid DPO"""
+    # reward model
+    center_rewards_coefficient: float | None = None
+    """as reward_model.py's --center-rewards-coefficient (None: TRL's default, no centring term)"""
     # shared
     max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    held_out: int = 0
+    """a .jsonl file's first rows that ours holds out of training (its --eval-size), left out here too"""
     warmup_steps: int = 0
     chat_template: bool = False
     """prompts as a user turn of the chat template (a conversational dataset for TRL; completions as assistant turns)"""
@@ -68,7 +77,7 @@ def preference_pairs(args: Args) -> list[dict]:
         pairs = tasks.arithmetic_preference_pairs(args.steps * args.batch_size, args.digits, "train", seed=args.seed)
     else:
         fields = ("prompt", "chosen", "rejected")
-        pairs = [{key: row[key] for key in fields} for row in tasks.read_jsonl(args.dataset, fields)]
+        pairs = [{key: row[key] for key in fields} for row in tasks.read_jsonl(args.dataset, fields)][args.held_out :]
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed)).tolist()
     pairs = [pairs[i] for i in order]
     if args.chat_template:  # conversational pairs: TRL applies the chat template to the prompt
@@ -114,6 +123,7 @@ def main(args: Args) -> None:
         lr_scheduler_type="linear",
         warmup_steps=args.warmup_steps,
         max_grad_norm=args.max_grad_norm,
+        weight_decay=args.weight_decay,
         seed=args.seed,
         logging_steps=args.logging_steps or max(1, args.steps // 10),
         save_strategy="no",
@@ -129,7 +139,7 @@ def main(args: Args) -> None:
         else:
             rows = [
                 {"prompt": row["prompt"], "answer": row["answer"]}
-                for row in tasks.read_jsonl(args.dataset, ("prompt", "answer"))
+                for row in tasks.read_jsonl(args.dataset, ("prompt", "answer"))[args.held_out :]
             ]
         if args.chat_template:
             rows = [{"prompt": [{"role": "user", "content": row["prompt"]}], "answer": row["answer"]} for row in rows]
@@ -170,6 +180,8 @@ def main(args: Args) -> None:
             **shared,
             per_device_train_batch_size=args.batch_size,
             beta=args.dpo_beta,
+            loss_type=["sigmoid", "sft"] if args.dpo_sft_coef else ["sigmoid"],
+            loss_weights=[1.0, args.dpo_sft_coef] if args.dpo_sft_coef else None,
             precompute_ref_log_probs=True,
             train_sampling_strategy="sequential",  # preference_pairs is already in our order
         )
@@ -187,7 +199,10 @@ def main(args: Args) -> None:
         model = common.load_model(args.model, AutoModelForSequenceClassification, num_labels=1)
         model.config.pad_token_id = tokenizer.pad_token_id
         config = RewardConfig(
-            **shared, per_device_train_batch_size=args.batch_size, train_sampling_strategy="sequential"
+            **shared,
+            per_device_train_batch_size=args.batch_size,
+            train_sampling_strategy="sequential",
+            center_rewards_coefficient=args.center_rewards_coefficient,
         )
         trainer = RewardTrainer(
             model=model,
