@@ -216,8 +216,8 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
 def completion_logits(model, sequences: Tensor, attention_mask: Tensor, prompt_length: int) -> Tensor:
     """Logits that predict each completion token: position t predicts token t + 1, so positions P - 1 ... L - 2."""
     position_ids = common.position_ids_from_mask(attention_mask)
-    logits = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids).logits
-    return logits[:, prompt_length - 1 : -1]
+    inputs = dict(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids)
+    return model(**inputs, logits_to_keep=sequences.size(1) - prompt_length + 1).logits[:, :-1]  # no prompt logits
 
 
 def completion_values(value_model, sequences: Tensor, attention_mask: Tensor, prompt_length: int) -> Tensor:
