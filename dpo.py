@@ -201,17 +201,19 @@ def concatenated_forward(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor
 
 
 @torch.no_grad()
-def reference_logprobs(model, pairs: list[tuple], batch_size: int, pad_token_id: int, device) -> tuple:
-    """(log pi_ref(y_w|x), log pi_ref(y_l|x)) of every pair; under torchrun each process computes a share."""
+def reference_logprobs(model, pairs: list[tuple], indices: list[int], batch_size: int, pad_token_id: int, device):
+    """(log pi_ref(y_w|x), log pi_ref(y_l|x)) of the pairs at `indices`, NaN at the others (never trained on); under
+    torchrun each process computes a share."""
     rank, world_size = common.world()
-    share = math.ceil(len(pairs) / world_size)
-    own_pairs = pairs[rank * share : (rank + 1) * share]  # the last share may be shorter, or empty
+    share = math.ceil(len(indices) / world_size)
+    own_pairs = [pairs[i] for i in indices[rank * share : (rank + 1) * share]]  # the last share may be short or empty
     own_logps = torch.zeros(share, 2, device=device)  # `share` rows on every process: all_gather needs one shape
     for start in range(0, len(own_pairs), batch_size):
         batch = collate(own_pairs[start : start + batch_size], pad_token_id, device)
         logps = torch.stack(concatenated_forward(model, batch), dim=1)
         own_logps[start : start + len(logps)] = logps
-    all_logps = common.all_gather(own_logps)[: len(pairs)]
+    all_logps = torch.full((len(pairs), 2), math.nan, device=device)
+    all_logps[indices] = common.all_gather(own_logps)[: len(indices)]
     return all_logps[:, 0], all_logps[:, 1]
 
 
@@ -368,16 +370,18 @@ def main(args: Args) -> None:
     eval_rows = tasks.eval_problems(args.dataset, args.eval_dataset, args.digits, args.eval_size)
     eval_rows = common.fit_prompts(tokenizer, eval_rows, args.chat_template, positions - max_new_tokens, "held-out set")
     pairs, num_truncated = load_pairs(args, model, tokenizer, min(args.max_length, positions), max_new_tokens)
-    # pi_ref is the starting policy, frozen: its log-probs of every pair are computed here, before a resume loads the
+    # pi_ref is the starting policy, frozen: its log-probs of the pairs are computed here, before a resume loads the
     # trained weights. --keep-reference-model runs it every step instead (a copy; with LoRA the policy, adapters off)
     if args.keep_reference_model and args.lora_r:
         reference = model
     elif args.keep_reference_model:  # frozen: run under no_grad only
         reference = common.load_model(args.model, None, args.trust_remote_code, dtype, autocast_dtype).to(device)
     else:
-        start = time.time()
-        reference = reference_logprobs(model, pairs, micro_batch_size, tokenizer.pad_token_id, device)
-        print(f"reference log-probs of {len(pairs)} pairs computed in {time.time() - start:.1f}s")
+        # only the pairs this run trains on: the start of the loop's first shuffle (below), or every pair
+        start, first_pass = time.time(), torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed))
+        visited = first_pass[: args.total_steps * args.batch_size].sort().values.tolist()
+        reference = reference_logprobs(model, pairs, visited, micro_batch_size, tokenizer.pad_token_id, device)
+        print(f"reference log-probs of {len(visited)} of {len(pairs)} pairs computed in {time.time() - start:.1f}s")
 
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)

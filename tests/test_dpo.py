@@ -252,7 +252,10 @@ def test_concatenated_forward_is_the_same_on_a_left_padded_batch():
 def test_precomputed_reference_logprobs_equal_a_live_reference_model():
     tokenizer, model = tiny_model()
     pairs = tokenized_pairs(tokenizer, PAIRS)
-    precomputed_chosen, precomputed_rejected = dpo.reference_logprobs(model, pairs, 3, tokenizer.pad_token_id, "cpu")
+    every_pair = list(range(len(pairs)))
+    precomputed_chosen, precomputed_rejected = dpo.reference_logprobs(
+        model, pairs, every_pair, 3, tokenizer.pad_token_id, "cpu"
+    )
     live_model = copy.deepcopy(model)
     with torch.no_grad():
         for indices in ([4, 0], [2], [1, 3]):  # other batches, other padding
@@ -261,6 +264,16 @@ def test_precomputed_reference_logprobs_equal_a_live_reference_model():
             )
             torch.testing.assert_close(live_chosen, precomputed_chosen[indices], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(live_rejected, precomputed_rejected[indices], atol=1e-5, rtol=1e-5)
+
+
+def test_reference_logprobs_of_the_visited_pairs_only_and_nan_for_the_others():
+    tokenizer, model = tiny_model()
+    pairs = tokenized_pairs(tokenizer, PAIRS)
+    every_chosen, every_rejected = dpo.reference_logprobs(model, pairs, list(range(len(pairs))), 2, 0, "cpu")
+    chosen, rejected = dpo.reference_logprobs(model, pairs, [1, 3], 2, 0, "cpu")
+    for some, every in ((chosen, every_chosen), (rejected, every_rejected)):
+        torch.testing.assert_close(some[[1, 3]], every[[1, 3]], atol=1e-5, rtol=1e-5)
+        assert some[[0, 2, 4]].isnan().all()  # never trained on: a NaN would show in the loss
 
 
 def test_one_sigmoid_step_raises_chosen_and_lowers_rejected_logprobs_of_the_model():
