@@ -79,7 +79,7 @@ def preference_pairs(args: Args) -> list[dict]:
         fields = ("prompt", "chosen", "rejected")
         pairs = [{key: row[key] for key in fields} for row in tasks.read_jsonl(args.dataset, fields)][args.held_out :]
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    pairs = [pairs[i] for i in order]
+    pairs = [pairs[i] for i in order][: args.steps * args.batch_size]  # those the run visits (TRL precomputes all)
     if args.chat_template:  # conversational pairs: TRL applies the chat template to the prompt
         turn = lambda role, text: [{"role": role, "content": text}]  # noqa: E731
         pairs = [
