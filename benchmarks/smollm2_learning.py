@@ -77,7 +77,7 @@ class Args:
     """more flags for a run, as `run: flags`, e.g. --extra-flags "grpo: --learning-rate 2e-5" (with --validation)"""
     grpo_steps: int = 120
     ppo_steps: int = 100
-    reward_model_steps: int = 400
+    reward_model_steps: int = 300
     dpo_steps: int = 300
 
 
@@ -438,12 +438,18 @@ def write_tables(work: Path, validation: bool) -> None:
         "# SmolLM2-135M-Instruct learns addition word problems\n\n"
         + ("**Validation slice of the training split (for choosing hyper-parameters).**\n\n" if validation else "")
         + "`python benchmarks/smollm2_learning.py` on a 2-core CPU, each run alone, seed 1 (one seed: a run takes "
-        "10-30 minutes). Accuracy: greedy, 24 new tokens, the final number of the answer, on 200 held-out problems "
-        f"(the instruct model: {start:.3f}). Reward models: held-out pair accuracy (400 pairs, 100 per kind of "
-        "rejection). `train minutes` is steps x the median seconds per step (evaluations left out); `KL to start` "
-        "is measured after training on completions the trained model samples for 48 held-out prompts.\n\n"
+        "10-30 minutes). Accuracy: greedy, 24 new tokens, the final number of the answer, on "
+        + ("100 validation problems of the training split " if validation else "200 held-out problems ")
+        + f"(the instruct model: {start:.3f}). Reward models: pair accuracy on "
+        + ("the first 200 training pairs, held out of training" if validation else "400 held-out pairs")
+        + ", by kind of rejection. `train minutes` is steps x the median seconds per step (evaluations left out); "
+        "`KL to start` is measured after training on completions the trained model samples for 48 held-out prompts.\n\n"
         + harness.markdown_table(headers, rows)
-        + ("\n## Ours / TRL at equal steps\n\n" + harness.markdown_table(["run", "quality", "time per step"], ratios))
+        + (
+            "\n## Ours / TRL at equal steps\n\n" + harness.markdown_table(["run", "quality", "time per step"], ratios)
+            if ratios
+            else ""
+        )
         + (
             f"\n## FLOP/s on this CPU\n\nMeasured fp32 matmul peak: {flops['matmul_peak_gflops']:.0f} GFLOP/s. "
             f"A GRPO update (32 completions): {flops['grpo_update']['gflops']:.0f} GFLOP/s "
