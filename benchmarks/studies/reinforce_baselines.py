@@ -12,7 +12,8 @@ two measurements:
 
     python benchmarks/studies/reinforce_baselines.py [--steps 1000] [--seeds 1 2 3] [--rollouts 200]
 
-Writes benchmarks/results/reinforce_baselines.md and one PNG of accuracy curves per starting checkpoint.
+Writes benchmarks/results/reinforce_baselines.md and one PNG of accuracy curves per starting checkpoint. Finding:
+benchmarks/results/2026-12-07-reinforce-baselines.md.
 """
 
 import os
