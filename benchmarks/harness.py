@@ -112,7 +112,8 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
 def plot_curves(curves: dict[str, list[tuple[float, float, float]]], path: Path, title: str, ylabel: str) -> None:
     """Two panels, the same curves against steps (left) and against wall time (right).
 
-    curves maps a label (e.g. `seed 1`) to (step, seconds, value) points, the triples of `read_scalars`.
+    curves maps a label (e.g. `seed 1`) to (step, seconds, value) points, the triples of `read_scalars`; a point
+    whose seconds is None (not measured) is left out of the right panel.
     """
     import matplotlib
 
@@ -122,6 +123,7 @@ def plot_curves(curves: dict[str, list[tuple[float, float, float]]], path: Path,
     figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for axis, x_index, xlabel in ((axes[0], 0, "step"), (axes[1], 1, "seconds since the run's first logged event")):
         for label, points in curves.items():
+            points = [point for point in points if point[x_index] is not None]
             axis.plot(
                 [point[x_index] for point in points],
                 [point[2] for point in points],
