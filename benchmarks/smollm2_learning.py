@@ -78,7 +78,7 @@ class Args:
     grpo_steps: int = 120
     ppo_steps: int = 100
     reward_model_steps: int = 150
-    dpo_steps: int = 120
+    dpo_steps: int = 60
 
 
 # ----------------------------------------------------------------------------- the task
@@ -150,7 +150,7 @@ def run_command(name: str, data: dict[str, Path], out: Path, args: Args) -> tupl
     ppo += ["--max-new-tokens", str(NEW_TOKENS), "--total-steps", str(args.ppo_steps), "--eval-every", "10"]
     ppo += ["--temperature", "1.0", "--save-every", "0"]
     preference = ["--dataset", str(data["pairs"]), "--batch-size", "8", "--save-every", "0"]
-    dpo = preference + ["--learning-rate", "1e-6", "--total-steps", str(args.dpo_steps), "--eval-every", "30"]
+    dpo = preference + ["--learning-rate", "5e-6", "--total-steps", str(args.dpo_steps), "--eval-every", "30"]
     dpo += ["--max-new-tokens", str(NEW_TOKENS), "--warmup-steps", "10"]
     reward_model = preference + ["--learning-rate", "1e-5", "--total-steps", str(args.reward_model_steps)]
     reward_model += ["--eval-every", "50", "--eval-size", "200", "--warmup-steps", "20"]
@@ -165,7 +165,7 @@ def run_command(name: str, data: dict[str, Path], out: Path, args: Args) -> tupl
         "dpo": ("dpo.py", dpo + evaluation),
         "dpo_nll_only": (
             "sft.py",
-            ["--dataset", str(data["chosen"]), "--batch-size", "8", "--learning-rate", "1e-6", "--warmup-steps", "10"]
+            ["--dataset", str(data["chosen"]), "--batch-size", "8", "--learning-rate", "5e-6", "--warmup-steps", "10"]
             + ["--total-steps", str(args.dpo_steps), "--eval-every", "30", "--max-new-tokens", str(NEW_TOKENS)]
             + ["--weight-decay", "0.01", "--save-every", "0"]
             + evaluation,
@@ -179,7 +179,7 @@ def run_command(name: str, data: dict[str, Path], out: Path, args: Args) -> tupl
         ),
         "trl_dpo": (
             "benchmarks/trl_runners.py",
-            ["dpo", "--dataset", str(data["pairs"]), "--batch-size", "8", "--learning-rate", "1e-6"]
+            ["dpo", "--dataset", str(data["pairs"]), "--batch-size", "8", "--learning-rate", "5e-6"]
             + ["--steps", str(args.dpo_steps), "--warmup-steps", "10"]
             + ["--dpo-sft-coef", "1.0", "--weight-decay", "0.01"]  # dpo.py's defaults: the NLL term, AdamW's decay
             + trl,
