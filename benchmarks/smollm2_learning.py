@@ -432,7 +432,7 @@ def write_tables(work: Path, validation: bool) -> None:
                 f"{run['kl']:.2f}" if "kl" in run else "",
             ]
         )
-        if "curve" in run:
+        if "curve" in run and "pair_accuracy" not in run:  # the figure: accuracy on problems, not on pairs
             curves[name] = [tuple(point) for point in run["curve"]]
     headers = ["run", "start", "final", "accuracy at each evaluation", "steps", "train minutes", "s/step", "peak GB"]
     headers.append("KL to start (nats/completion)")
