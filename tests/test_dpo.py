@@ -235,6 +235,19 @@ def test_concatenated_forward_gives_each_pair_the_logprobs_it_has_alone():
                 torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
 
 
+def test_concatenated_forward_gives_zero_to_a_row_without_completion_tokens():
+    """Logits are kept only from the first completion position; a row with no completion must not shift that."""
+    tokenizer, model = tiny_model()
+    pairs = tokenized_pairs(tokenizer, PAIRS)
+    with torch.no_grad():
+        whole = dpo.concatenated_forward(model, dpo.collate(pairs, tokenizer.pad_token_id, "cpu"))
+        emptied = [(pairs[0][0], [], pairs[0][2])] + pairs[1:]
+        chosen, rejected = dpo.concatenated_forward(model, dpo.collate(emptied, tokenizer.pad_token_id, "cpu"))
+    assert chosen[0] == 0
+    torch.testing.assert_close(chosen[1:], whole[0][1:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rejected, whole[1], atol=1e-5, rtol=1e-5)
+
+
 def test_concatenated_forward_is_the_same_on_a_left_padded_batch():
     """position_ids come from the mask, so moving the padding to the left changes nothing."""
     tokenizer, model = tiny_model()
