@@ -197,9 +197,8 @@ def concatenated_forward(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor
     """(log pi(y_w|x), log pi(y_l|x)) of the B pairs of a `collate` batch, from one forward pass over its 2B rows."""
     mask, position_ids = batch["attention_mask"], common.position_ids_from_mask(batch["attention_mask"])
     # logits only from the first position that predicts a completion token on: the vocabulary projection of the
-    # prompt positions is a large share of the step's work and none of them enters log pi(y|x) (a row without
-    # completion tokens argmaxes to 0: then every position is kept)
-    first = max(int(batch["completion_mask"].argmax(dim=1).min()) - 1, 0)
+    # prompt positions is a large share of the step's work and none of them enters log pi(y|x)
+    first = max(int(batch["completion_mask"].any(dim=0).int().argmax()) - 1, 0)  # argmax: the first True column
     inputs = dict(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids)
     logits = model(**inputs, logits_to_keep=batch["input_ids"].size(1) - first).logits
     return sequence_logprobs(logits, batch["input_ids"][:, first:], batch["completion_mask"][:, first:]).chunk(2)

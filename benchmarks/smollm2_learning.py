@@ -389,8 +389,8 @@ def results_file(validation: bool) -> Path:
 def load_results(work: Path, validation: bool) -> dict:
     """Every run's result: those kept in the committed results file, then those under `work` (newer, they win), so a
     run measured once is not run again on a fresh checkout (unless --force) and the tables keep it."""
-    path = results_file(validation)
-    results = json.loads(path.read_text()) if path.is_file() else {}
+    kept = results_file(validation)
+    results = json.loads(kept.read_text()) if kept.is_file() else {}
     return results | {path.parent.name: json.loads(path.read_text()) for path in work.glob("*/result.json")}
 
 
